@@ -1,0 +1,25 @@
+"""bigkernels: fused convolution, LSTM and attention kernels for PyTorch.
+
+    import bigkernels
+    cell = bigkernels.nn.LSTMCell(256, 512)        # drop-in for torch.nn.LSTMCell
+    with bigkernels.use_backend("reference"):      # or BIGKERNELS_BACKEND=cpu|cuda|triton|reference
+        ...
+
+`python -m bigkernels info` shows what this installation holds and which backend each op uses.
+"""
+from bigkernels import _extension  # loads bigkernels._C (registers the C++ ops) before anything else
+from bigkernels._backend import BACKENDS, BackendUnavailable, use_backend
+from bigkernels._extension import ExtensionUnavailable
+from bigkernels import ops, nn, reference
+from bigkernels._version import __version__
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "ExtensionUnavailable",
+    "__version__",
+    "nn",
+    "ops",
+    "reference",
+    "use_backend",
+]

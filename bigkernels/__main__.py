@@ -1,0 +1,3 @@
+from bigkernels.cli import main
+
+raise SystemExit(main())

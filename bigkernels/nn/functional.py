@@ -1,0 +1,4 @@
+"""bigkernels.nn.functional: torch.nn.functional-style entry points to the fused kernels."""
+from bigkernels.ops.lstm_cell import lstm_cell
+
+__all__ = ["lstm_cell"]

@@ -1,0 +1,287 @@
+// Fused LSTM cell on the CPU: bigkernels::lstm_cell and bigkernels::lstm_cell_backward.
+//
+// Forward:  gates = input @ w_ih^T, then gates += hx @ w_hh^T in place (both projections accumulate
+//           into one buffer: no second [B, 4H] tensor, no add pass), then ONE fused pass adds both
+//           biases, applies sigmoid/tanh, updates c and h, and (for training only) stores the
+//           activated gates for the backward.
+// Backward: ONE fused pass turns (grad_hy, grad_cy) into the pre-activation gate gradients, grad_cx
+//           and the bias gradient; the remaining work is four GEMMs, each skipped when the
+//           corresponding gradient is not needed.
+// The stock CPU cell runs ~10 separate elementwise ATen ops over [B, 4H] tensors after its GEMMs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "../shapes/lstm_cell.h"
+#include "fast_math.h"
+
+namespace bigkernels::cpu {
+namespace {
+
+// Build each hot loop for several instruction sets and pick at load time (GCC/Clang on x86-64 ELF):
+// the wheel stays runnable on any x86-64 CPU and still uses AVX2/AVX-512 where present.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(__clang__)
+#define BK_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BK_MULTIVERSION
+#endif
+
+// Kernels see storage types: float, double, or uint16_t holding bfloat16 bits (see fast_math.h).
+// Arithmetic type: float for float/bfloat16 storage, double for double.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename scalar_t>
+using storage_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, scalar_t>;
+
+template <typename scalar_t>
+storage_t<scalar_t>* raw(scalar_t* p) {
+  return reinterpret_cast<storage_t<scalar_t>*>(p);
+}
+template <typename scalar_t>
+const storage_t<scalar_t>* raw(const scalar_t* p) {
+  return reinterpret_cast<const storage_t<scalar_t>*>(p);
+}
+
+// Elements per parallel task: below this, waking threads costs more than it saves.
+constexpr int64_t kPointwiseGrain = 16384;
+
+template <bool kWriteWorkspace, typename T>
+BK_ALWAYS_INLINE void forward_segment(const T* __restrict__ gates, const acc_t<T>* __restrict__ bias,
+                            const T* __restrict__ cx, T* __restrict__ hy, T* __restrict__ cy,
+                            T* __restrict__ workspace, int64_t H, int64_t j0, int64_t j1) {
+  using A = acc_t<T>;
+  // `bias` is never null (zeros when the cell has none); the workspace store is a template flag so
+  // that neither condition sits inside the vectorised loop.
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) {
+    A pi = load_acc(gates[j]), pf = load_acc(gates[H + j]), pg = load_acc(gates[2 * H + j]), po = load_acc(gates[3 * H + j]);
+    pi += bias[j];
+    pf += bias[H + j];
+    pg += bias[2 * H + j];
+    po += bias[3 * H + j];
+    const A i = sigmoid_fast(pi), f = sigmoid_fast(pf), g = tanh_fast(pg), o = sigmoid_fast(po);
+    const A c = f * load_acc(cx[j]) + i * g;
+    cy[j] = store_as<T>(c);
+    hy[j] = store_as<T>(o * tanh_fast(c));
+    if constexpr (kWriteWorkspace) {
+      workspace[j] = store_as<T>(i);
+      workspace[H + j] = store_as<T>(f);
+      workspace[2 * H + j] = store_as<T>(g);
+      workspace[3 * H + j] = store_as<T>(o);
+    }
+  }
+}
+
+template <bool kBiasGrad, typename T>
+BK_ALWAYS_INLINE void backward_segment(const T* __restrict__ grad_hy, const T* __restrict__ grad_cy,
+                             const T* __restrict__ cx, const T* __restrict__ cy,
+                             const T* __restrict__ workspace, T* __restrict__ grad_gates,
+                             T* __restrict__ grad_cx, acc_t<T>* __restrict__ bias_acc, int64_t H,
+                             int64_t j0, int64_t j1) {
+  using A = acc_t<T>;
+  const int64_t n = j1 - j0;
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) {
+    const A i = load_acc(workspace[j]), f = load_acc(workspace[H + j]), g = load_acc(workspace[2 * H + j]),
+            o = load_acc(workspace[3 * H + j]);
+    const A tc = tanh_fast(load_acc(cy[j]));
+    const A dh = load_acc(grad_hy[j]);
+    const A dc = load_acc(grad_cy[j]) + dh * o * (A(1) - tc * tc);
+    const A di = dc * g * i * (A(1) - i);
+    const A df = dc * load_acc(cx[j]) * f * (A(1) - f);
+    const A dg = dc * i * (A(1) - g * g);
+    const A dout = dh * tc * o * (A(1) - o);
+    grad_gates[j] = store_as<T>(di);
+    grad_gates[H + j] = store_as<T>(df);
+    grad_gates[2 * H + j] = store_as<T>(dg);
+    grad_gates[3 * H + j] = store_as<T>(dout);
+    grad_cx[j] = store_as<T>(dc * f);
+    if constexpr (kBiasGrad) {
+      const int64_t k = j - j0;
+      bias_acc[k] += di;
+      bias_acc[n + k] += df;
+      bias_acc[2 * n + k] += dg;
+      bias_acc[3 * n + k] += dout;
+    }
+  }
+}
+
+// Non-template entry points, so that target_clones applies (it does not take templates).
+#define BK_DEFINE_SEGMENT_KERNELS(T, suffix)                                                     \
+  BK_MULTIVERSION void forward_segment_##suffix(const T* g, const acc_t<T>* b, const T* cx,      \
+                                                T* hy, T* cy, T* ws, int64_t H, int64_t j0,      \
+                                                int64_t j1) {                                    \
+    if (ws) forward_segment<true, T>(g, b, cx, hy, cy, ws, H, j0, j1);                           \
+    else forward_segment<false, T>(g, b, cx, hy, cy, ws, H, j0, j1);                             \
+  }                                                                                              \
+  BK_MULTIVERSION void backward_segment_##suffix(const T* dh, const T* dc, const T* cx,         \
+                                                 const T* cy, const T* ws, T* dg, T* dcx,       \
+                                                 acc_t<T>* db, int64_t H, int64_t j0,           \
+                                                 int64_t j1) {                                   \
+    if (db) backward_segment<true, T>(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);               \
+    else backward_segment<false, T>(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);                 \
+  }
+BK_DEFINE_SEGMENT_KERNELS(float, f32)
+BK_DEFINE_SEGMENT_KERNELS(uint16_t, bf16)
+#undef BK_DEFINE_SEGMENT_KERNELS
+
+// double is the reference/gradcheck dtype: libm math, no need for several ISAs.
+void forward_segment_f64(const double* g, const double* b, const double* cx, double* hy,
+                         double* cy, double* ws, int64_t H, int64_t j0, int64_t j1) {
+  if (ws) forward_segment<true, double>(g, b, cx, hy, cy, ws, H, j0, j1);
+  else forward_segment<false, double>(g, b, cx, hy, cy, ws, H, j0, j1);
+}
+void backward_segment_f64(const double* dh, const double* dc, const double* cx, const double* cy,
+                          const double* ws, double* dg, double* dcx, double* db, int64_t H,
+                          int64_t j0, int64_t j1) {
+  if (db) backward_segment<true, double>(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
+  else backward_segment<false, double>(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
+}
+
+inline void forward_segment_any(const float* g, const float* b, const float* cx, float* hy,
+                                float* cy, float* ws, int64_t H, int64_t j0, int64_t j1) {
+  forward_segment_f32(g, b, cx, hy, cy, ws, H, j0, j1);
+}
+inline void forward_segment_any(const uint16_t* g, const float* b, const uint16_t* cx,
+                                uint16_t* hy, uint16_t* cy, uint16_t* ws, int64_t H, int64_t j0,
+                                int64_t j1) {
+  forward_segment_bf16(g, b, cx, hy, cy, ws, H, j0, j1);
+}
+inline void forward_segment_any(const double* g, const double* b, const double* cx, double* hy,
+                                double* cy, double* ws, int64_t H, int64_t j0, int64_t j1) {
+  forward_segment_f64(g, b, cx, hy, cy, ws, H, j0, j1);
+}
+inline void backward_segment_any(const float* dh, const float* dc, const float* cx,
+                                 const float* cy, const float* ws, float* dg, float* dcx,
+                                 float* db, int64_t H, int64_t j0, int64_t j1) {
+  backward_segment_f32(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
+}
+inline void backward_segment_any(const uint16_t* dh, const uint16_t* dc, const uint16_t* cx,
+                                 const uint16_t* cy, const uint16_t* ws, uint16_t* dg,
+                                 uint16_t* dcx, float* db, int64_t H, int64_t j0, int64_t j1) {
+  backward_segment_bf16(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
+}
+inline void backward_segment_any(const double* dh, const double* dc, const double* cx,
+                                 const double* cy, const double* ws, double* dg, double* dcx,
+                                 double* db, int64_t H, int64_t j0, int64_t j1) {
+  backward_segment_f64(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
+}
+
+void check_cpu(const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), "bigkernels::lstm_cell CPU kernel got a tensor on ",
+              input.device());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+              "bigkernels::lstm_cell on CPU supports float32, float64 and bfloat16, got ", dt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool need_workspace) {
+  const auto s = check_lstm_cell_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  check_cpu(input);
+  const int64_t B = s.batch, H = s.hidden_size;
+
+  at::Tensor gates = at::mm(input, w_ih.t());
+  gates.addmm_(hx, w_hh.t());
+  const at::Tensor cx_c = cx.contiguous();
+  at::Tensor hy = at::empty({B, H}, input.options());
+  at::Tensor cy = at::empty({B, H}, input.options());
+  at::Tensor workspace = need_workspace ? at::empty({B, 4 * H}, input.options())
+                                        : at::empty({0}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "lstm_cell_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    // Both biases summed once in the arithmetic type (zeros without biases): one load per gate
+    // element in the hot loop.
+    const auto acc_type = c10::CppTypeToScalarType<A>::value;
+    const at::Tensor bias = b_ih.has_value()
+                                ? b_ih->to(acc_type).add(*b_hh).contiguous()
+                                : at::zeros({4 * H}, input.options().dtype(acc_type));
+    const A* bias_p = bias.const_data_ptr<A>();
+    const scalar_t* g = gates.const_data_ptr<scalar_t>();
+    const scalar_t* c0 = cx_c.const_data_ptr<scalar_t>();
+    scalar_t* h1 = hy.mutable_data_ptr<scalar_t>();
+    scalar_t* c1 = cy.mutable_data_ptr<scalar_t>();
+    scalar_t* ws = need_workspace ? workspace.mutable_data_ptr<scalar_t>() : nullptr;
+    // Flat range over [B, H]; each task walks the row segments it covers.
+    at::parallel_for(0, B * H, kPointwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end;) {
+        const int64_t b = idx / H, j0 = idx % H, j1 = std::min(H, j0 + (end - idx));
+        forward_segment_any(raw(g + b * 4 * H), bias_p, raw(c0 + b * H), raw(h1 + b * H),
+                            raw(c1 + b * H), ws ? raw(ws + b * 4 * H) : nullptr, H, j0, j1);
+        idx += j1 - j0;
+      }
+    });
+  });
+  return {hy, cy, workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                       const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& cy,
+                       const at::Tensor& workspace, std::array<bool, 4> output_mask) {
+  const auto s = check_lstm_cell_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt);
+  check_lstm_cell_backward_args(grad_hy, grad_cy, cy, workspace, s);
+  check_cpu(input);
+  const int64_t B = s.batch, H = s.hidden_size;
+  const bool need_bias = output_mask[3];
+
+  const auto opts = input.options();
+  at::Tensor grad_gates = at::empty({B, 4 * H}, opts);
+  at::Tensor grad_cx = at::empty({B, H}, opts);
+  at::Tensor grad_bias = at::empty({need_bias ? 4 * H : 0}, opts);
+  const at::Tensor dh = grad_hy.contiguous(), dc = grad_cy.contiguous(), c0 = cx.contiguous(),
+                   c1 = cy.contiguous(), ws = workspace.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "lstm_cell_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t *dh_p = dh.const_data_ptr<scalar_t>(), *dc_p = dc.const_data_ptr<scalar_t>(),
+                   *c0_p = c0.const_data_ptr<scalar_t>(), *c1_p = c1.const_data_ptr<scalar_t>(),
+                   *ws_p = ws.const_data_ptr<scalar_t>();
+    scalar_t* dg_p = grad_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* dcx_p = grad_cx.mutable_data_ptr<scalar_t>();
+    scalar_t* db_p = need_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    // Parallel over hidden columns, all rows per task: each task owns its columns' bias sums, so
+    // the reduction over the batch needs no atomics and is deterministic.
+    const int64_t grain = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(B, 1));
+    at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
+      const int64_t n = j1 - j0;
+      std::vector<A> bias_acc(need_bias ? 4 * n : 0, A(0));
+      A* acc = need_bias ? bias_acc.data() : nullptr;
+      for (int64_t b = 0; b < B; ++b) {
+        backward_segment_any(raw(dh_p + b * H), raw(dc_p + b * H), raw(c0_p + b * H),
+                             raw(c1_p + b * H), raw(ws_p + b * 4 * H), raw(dg_p + b * 4 * H),
+                             raw(dcx_p + b * H), acc, H, j0, j1);
+      }
+      if (need_bias) {
+        for (int64_t q = 0; q < 4; ++q) {
+          for (int64_t k = 0; k < n; ++k) db_p[q * H + j0 + k] = scalar_t(acc[q * n + k]);
+        }
+      }
+    });
+  });
+
+  const at::Tensor empty = at::empty({0}, opts);
+  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih) : empty;
+  at::Tensor grad_hx = output_mask[1] ? at::mm(grad_gates, w_hh) : empty;
+  at::Tensor grad_w_ih = output_mask[2] ? at::mm(grad_gates.t(), input) : empty;
+  at::Tensor grad_w_hh = output_mask[2] ? at::mm(grad_gates.t(), hx) : empty;
+  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("lstm_cell", &lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+}
+
+}  // namespace bigkernels::cpu

@@ -1,0 +1,32 @@
+// Every bigkernels operator schema, declared once, plus the Python module init.
+//
+// Kernels register themselves per dispatch key elsewhere: csrc/cpu/<op>.cpp (CPU) and
+// csrc/cuda/<op>_binding.cpp (CUDA). Fake (meta) implementations, autograd and backend choice
+// live in bigkernels/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(bigkernels, m) {
+  // Fused LSTM cell, torch.nn.LSTMCell semantics (gate order i, f, g, o).
+  //   input [B, I], hx/cx [B, H], w_ih [4H, I], w_hh [4H, H], b_ih/b_hh [4H] (both or neither).
+  //   Returns hy [B, H], cy [B, H] and workspace: the activated gates [B, 4H] kept for the
+  //   backward when need_workspace, else an empty tensor (inference writes no gates at all).
+  m.def(
+      "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, bool need_workspace) -> (Tensor hy, Tensor cy, Tensor workspace)");
+  // Backward of lstm_cell. output_mask says which of (input, hx, weights, bias) need a gradient;
+  // a gradient that is not needed comes back as an empty tensor and costs nothing. grad_cx is
+  // always computed (it is a by-product of the fused pointwise pass).
+  m.def(
+      "lstm_cell_backward(Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, "
+      "Tensor w_ih, Tensor w_hh, Tensor cy, Tensor workspace, bool[4] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias)");
+}
+
+// `import bigkernels._C` loads this library, which runs the registrations above. No Python API
+// is exported: everything is reached through torch.ops.bigkernels.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
