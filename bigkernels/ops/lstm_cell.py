@@ -83,20 +83,20 @@ lstm_cell_backward_triton.register_fake(_fake_backward)
 
 # ------------------------------------------------------------------------------------ autograd
 def _setup_context(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh, b_ih, _b_hh, _need_workspace = inputs
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, _need_workspace = inputs
     _hy, cy, workspace = output
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, cy, workspace)
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, cy, workspace)
     ctx.has_bias = b_ih is not None
 
 
-def _make_backward(backward_op):
+def _make_backward(forward_op, backward_op):
     def backward(ctx, grad_hy, grad_cy, _grad_workspace):
-        input, hx, cx, w_ih, w_hh, cy, workspace = ctx.saved_tensors
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, cy, workspace = ctx.saved_tensors
         need = ctx.needs_input_grad  # (input, hx, cx, w_ih, w_hh, b_ih, b_hh, need_workspace)
-        if workspace.numel() == 0 and cy.numel() != 0:
-            raise RuntimeError(
-                "bigkernels::lstm_cell: backward needs the gates saved by the forward; call it with need_workspace=True"
-            )
+        if workspace.dim() == 1:  # the (0,)-shaped placeholder of need_workspace=False
+            # The forward ran as inference (need_workspace=False) and was differentiated anyway,
+            # e.g. a direct op call: recompute the gates rather than fail.
+            _, cy, workspace = forward_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, True)
         mask = [need[0], need[1], need[3] or need[4], ctx.has_bias and (need[5] or need[6])]
         g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_bias = backward_op(
             grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, cy, workspace, mask
@@ -116,7 +116,9 @@ def _make_backward(backward_op):
 
 
 torch.library.register_autograd(
-    "bigkernels::lstm_cell_triton", _make_backward(lstm_cell_backward_triton), setup_context=_setup_context
+    "bigkernels::lstm_cell_triton",
+    _make_backward(lstm_cell_triton, lstm_cell_backward_triton),
+    setup_context=_setup_context,
 )
 
 if _extension.AVAILABLE:
@@ -124,7 +126,7 @@ if _extension.AVAILABLE:
     torch.library.register_fake("bigkernels::lstm_cell_backward")(_fake_backward)
     torch.library.register_autograd(
         "bigkernels::lstm_cell",
-        _make_backward(torch.ops.bigkernels.lstm_cell_backward.default),
+        _make_backward(torch.ops.bigkernels.lstm_cell.default, torch.ops.bigkernels.lstm_cell_backward.default),
         setup_context=_setup_context,
     )
 
@@ -163,8 +165,10 @@ def _validate(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
 
 
 def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
-    """Under CUDA autocast the stock cell runs in the autocast dtype (lstm_cell is on autocast's
-    lower-precision list); under CPU autocast it runs in the input dtype. Do the same."""
+    """Match the stock cell's dtypes under autocast. CUDA: lstm_cell is on autocast's lower-precision
+    list, so everything runs (and returns) in the autocast dtype. CPU: the stock cell returns the input
+    dtype (only its inner linear calls drop to bfloat16); ours returns the input dtype too and keeps
+    the GEMMs in it, which is at least as accurate."""
     if device_type != "cuda" or not torch.is_autocast_enabled("cuda"):
         return tensors
     dtype = torch.get_autocast_dtype("cuda")
@@ -192,8 +196,8 @@ def lstm_cell(
     CUDA float16/bfloat16/float32/float64 (CUDA C++ or Triton); any device on the reference backend.
     Differentiable in every tensor argument (first order).
     """
+    check_tensor(input, "input")
     if hx is None:
-        check_tensor(input, "input")
         check_tensor(w_hh, "w_hh")
         state_shape = (w_hh.shape[1],) if input.dim() == 1 else (input.shape[0], w_hh.shape[1])
         h = c = input.new_zeros(state_shape)

@@ -10,6 +10,7 @@
 // The stock CPU cell runs ~10 separate elementwise ATen ops over [B, 4H] tensors after its GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <array>
@@ -172,6 +173,10 @@ inline void backward_segment_any(const double* dh, const double* dc, const doubl
   backward_segment_f64(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
 }
 
+// The op itself decides its precision (bigkernels/ops/lstm_cell.py casts under autocast, as the stock
+// cell does); the GEMMs inside must not be autocast a second time, or they return another dtype.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
 void check_cpu(const at::Tensor& input) {
   TORCH_CHECK(input.device().is_cpu(), "bigkernels::lstm_cell CPU kernel got a tensor on ",
               input.device());
@@ -184,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool need_workspace) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto s = check_lstm_cell_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
   check_cpu(input);
   const int64_t B = s.batch, H = s.hidden_size;
@@ -228,6 +234,7 @@ lstm_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                        const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
                        const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& cy,
                        const at::Tensor& workspace, std::array<bool, 4> output_mask) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto s = check_lstm_cell_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt);
   check_lstm_cell_backward_args(grad_hy, grad_cy, cy, workspace, s);
   check_cpu(input);
@@ -269,11 +276,12 @@ lstm_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
     });
   });
 
-  const at::Tensor empty = at::empty({0}, opts);
-  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih) : empty;
-  at::Tensor grad_hx = output_mask[1] ? at::mm(grad_gates, w_hh) : empty;
-  at::Tensor grad_w_ih = output_mask[2] ? at::mm(grad_gates.t(), input) : empty;
-  at::Tensor grad_w_hh = output_mask[2] ? at::mm(grad_gates.t(), hx) : empty;
+  // Each skipped gradient is its own empty tensor: op outputs must never alias one another.
+  auto empty = [&] { return at::empty({0}, opts); };
+  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih) : empty();
+  at::Tensor grad_hx = output_mask[1] ? at::mm(grad_gates, w_hh) : empty();
+  at::Tensor grad_w_ih = output_mask[2] ? at::mm(grad_gates.t(), input) : empty();
+  at::Tensor grad_w_hh = output_mask[2] ? at::mm(grad_gates.t(), hx) : empty();
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 

@@ -1,0 +1,45 @@
+// Launchers for the CUDA kernels in csrc/cuda/*.cu, declared with plain C++ types only.
+//
+// No torch header may appear here or in the .cu files: CMakeLists.txt compiles the kernels with nvcc
+// alone (CI has no GPU and a CPU-only torch). The torch-facing bindings (csrc/cuda/*_binding.cpp)
+// check tensors, make them contiguous, allocate outputs and call these launchers on the current
+// stream. Every launcher returns the launch status (cudaSuccess or the first error) and never
+// synchronises.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace bigkernels::cuda {
+
+// Element types the kernels are built for. Storage only: float16/bfloat16 are computed in float,
+// float32 in float, float64 in double.
+enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
+
+// ------------------------------------------------------------------------------------ lstm_cell
+// All tensors are dense row-major with the given sizes, all of `dtype`; B = batch, H = hidden size.
+// Gate blocks inside a [B, 4H] row are ordered i, f, g, o (torch.nn.LSTMCell).
+
+// Forward pointwise pass. gates [B, 4H] holds input @ w_ih^T + hx @ w_hh^T (no bias yet).
+// b_ih and b_hh [4H] are both given or both null. Writes hy, cy [B, H] and, when `workspace` is not
+// null, the activated gates [B, 4H] (sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)) for the backward.
+cudaError_t lstm_cell_forward(DType dtype, const void* gates, const void* b_ih, const void* b_hh,
+                              const void* cx, void* hy, void* cy, void* workspace, int64_t B,
+                              int64_t H, cudaStream_t stream);
+
+// Bytes of scratch memory lstm_cell_backward needs (0 when need_bias_grad is false). The caller
+// allocates it (torch's caching allocator) and passes it in; its contents need no initialisation.
+size_t lstm_cell_backward_scratch_bytes(DType dtype, int64_t B, int64_t H, bool need_bias_grad);
+
+// Backward pointwise pass. Reads grad_hy, grad_cy, cx, cy [B, H] and the forward's workspace
+// [B, 4H]; writes grad_gates [B, 4H] (gradients of the pre-activation gates) and grad_cx [B, H].
+// When grad_bias [4H] is not null it also writes the bias gradient (grad_gates summed over the
+// batch; deterministic: fixed summation order, no atomics; zeros when B == 0), using `scratch`
+// of lstm_cell_backward_scratch_bytes(dtype, B, H, true) bytes.
+cudaError_t lstm_cell_backward(DType dtype, const void* grad_hy, const void* grad_cy,
+                               const void* cx, const void* cy, const void* workspace,
+                               void* grad_gates, void* grad_cx, void* grad_bias, void* scratch,
+                               int64_t B, int64_t H, cudaStream_t stream);
+
+}  // namespace bigkernels::cuda

@@ -1,0 +1,41 @@
+"""Test setup shared by every test file.
+
+- Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter; it must be switched
+  on before triton (or bigkernels) is imported, so it happens here, first.
+- `cuda`-marked tests are skipped, with the reason shown, where no GPU is visible.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import bigkernels  # noqa: E402,F401  (after TRITON_INTERPRET is set)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none visible on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def poison_empty():
+    """Fill every torch.empty with NaN while the test runs (deterministic mode's
+    fill_uninitialized_memory), so an output element a kernel forgets to write fails the check."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
