@@ -57,7 +57,7 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
 
 def extension():
     with_cuda = want_cuda()
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
     archs = ""
     if with_cuda:

@@ -1,7 +1,9 @@
 """Python side of every op: validation, backend dispatch, fake (meta) implementations, autograd.
 
-Importing this package registers the fake and autograd implementations of all ops.
+One module per op, named after it (bigkernels.ops.lstm_cell, ...). Importing this package registers
+the fake and autograd implementations of all ops. The public entry points live in
+bigkernels.nn.functional.
 """
-from bigkernels.ops.lstm_cell import lstm_cell
+from bigkernels.ops import lstm_cell  # noqa: F401  (registers the op's fake/autograd kernels)
 
 __all__ = ["lstm_cell"]

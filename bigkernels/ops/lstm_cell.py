@@ -122,17 +122,60 @@ torch.library.register_autograd(
 )
 
 if _extension.AVAILABLE:
+    # The C++ op's autograd is in C++ (csrc/autograd/lstm_cell.cpp): a Python autograd.Function
+    # would cost more than the whole cell at small batch. Same contract as _make_backward above.
     torch.library.register_fake("bigkernels::lstm_cell")(_fake_forward)
     torch.library.register_fake("bigkernels::lstm_cell_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "bigkernels::lstm_cell",
-        _make_backward(torch.ops.bigkernels.lstm_cell.default, torch.ops.bigkernels.lstm_cell_backward.default),
-        setup_context=_setup_context,
-    )
 
 
 # ----------------------------------------------------------------------------------- public API
+def _valid(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> bool:
+    """One cheap expression for the common, valid call (the per-call cost matters at batch 1);
+    `_explain_invalid` then finds and names what is wrong."""
+    if not (isinstance(hx, Tensor) and isinstance(cx, Tensor) and isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)):
+        return False
+    dtype, device = input.dtype, input.device
+    hidden = w_hh.shape[-1]
+    state_shape = (hidden,) if input.dim() == 1 else (input.shape[0], hidden)
+    ok = (
+        input.is_floating_point()
+        and input.dim() in (1, 2)
+        and w_hh.dim() == 2
+        and w_hh.shape[0] == 4 * hidden
+        and w_ih.dim() == 2
+        and w_ih.shape[0] == 4 * hidden
+        and w_ih.shape[1] == input.shape[-1]
+        and hx.shape == state_shape
+        and cx.shape == state_shape
+        and hx.dtype == dtype
+        and cx.dtype == dtype
+        and w_ih.dtype == dtype
+        and w_hh.dtype == dtype
+        and hx.device == device
+        and cx.device == device
+        and w_ih.device == device
+        and w_hh.device == device
+    )
+    if not ok or (b_ih is None and b_hh is None):
+        return ok
+    return (
+        isinstance(b_ih, Tensor)
+        and isinstance(b_hh, Tensor)
+        and b_ih.shape == (4 * hidden,)
+        and b_hh.shape == (4 * hidden,)
+        and b_ih.dtype == dtype
+        and b_hh.dtype == dtype
+        and b_ih.device == device
+        and b_hh.device == device
+    )
+
+
 def _validate(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
+    if not _valid(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        _explain_invalid(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _explain_invalid(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
     check_tensor(input, "input")
     check_floating(input, "input")
     if input.dim() not in (1, 2):
@@ -162,6 +205,7 @@ def _validate(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
             check_tensor(b, name)
             check_shape(b, name, (4 * hidden,), "(4*hidden_size,)")
             check_like(b, name, input, "input")
+    raise AssertionError("bigkernels: _valid() and _explain_invalid() disagree")  # a bug, not bad input
 
 
 def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
