@@ -58,7 +58,7 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
 def extension():
     with_cuda = want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    cxx_flags = ["-O3", "-fopenmp", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
     archs = ""
     if with_cuda:
         archs = cuda_arch_list()
@@ -67,7 +67,7 @@ def extension():
         ext = CUDAExtension(
             "bigkernels._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
             define_macros=[("BIGKERNELS_WITH_CUDA", "1")],
         )

@@ -17,7 +17,12 @@ def _triton_line() -> str:
         return "not installed"
     import triton
 
-    mode = "interpreter (TRITON_INTERPRET=1)" if _backend.triton_interpreting() else "compiled"
+    if _backend.triton_interpreting():
+        mode = "interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors"
+    elif torch.cuda.is_available():
+        mode = "compiled for the GPU"
+    else:
+        mode = "no GPU: kernels run only under the interpreter (TRITON_INTERPRET=1)"
     return f"{triton.__version__}, {mode}"
 
 

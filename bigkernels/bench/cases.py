@@ -13,21 +13,20 @@ Modes:
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-DEFAULT_MODES = ("fwd", "fwd+bwd")  # bwd-only is opt-in (--mode bwd): fwd+bwd minus fwd tells most
+DEFAULT_MODES = ("fwd", "fwd+bwd")  # inference and a training step; bwd alone is opt-in (--mode bwd)
 
-# Multiplier on the forward FLOP count: the backward of a GEMM-bound op is two GEMMs of the
-# forward's size (grad w.r.t. the input, grad w.r.t. the weight).
-FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
+# Multiplier on the forward FLOP count of a GEMM-bound op (LSTM, conv): its backward is two GEMMs
+# of the forward's size (grad w.r.t. the input, grad w.r.t. the weight). Attention differs (×2.5).
+GEMM_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 # Ops and the module defining each one's OpBench (attribute BENCH). Imported on first use so that
 # `bigkernels bench --list` does not pay for ops it does not show.
@@ -215,11 +214,3 @@ def float64_copy(inputs: Inputs, device: str | torch.device) -> Inputs:
         for name, t in inputs.items()
     }
 
-
-def describe(case: Case) -> dict[str, Any]:
-    """A plain-data view of a case (for --list and JSON)."""
-    out = dataclasses.asdict(case)
-    out["dtype"] = dtype_name(case.dtype)
-    out["shape"] = dict(case.shape)
-    out["id"] = case.id
-    return out

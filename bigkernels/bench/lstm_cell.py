@@ -10,7 +10,7 @@ import torch
 
 import bigkernels
 from bigkernels import reference
-from bigkernels.bench.cases import FLOP_FACTOR, Case, Inputs, OpBench, Outputs, float64_copy, make_step
+from bigkernels.bench.cases import GEMM_FLOP_FACTOR, Case, Inputs, OpBench, Outputs, float64_copy, make_step
 from bigkernels.bench.providers import ModulePair, module_providers
 
 OP = "lstm_cell"
@@ -57,7 +57,7 @@ def forward_flops(shape: dict[str, int]) -> int:
 
 def flops(case: Case) -> int:
     """Forward FLOPs × 1 (fwd), × 2 (bwd: grad-input and grad-weight GEMMs), × 3 (fwd+bwd)."""
-    return forward_flops(case.shape) * FLOP_FACTOR[case.mode]
+    return forward_flops(case.shape) * GEMM_FLOP_FACTOR[case.mode]
 
 
 def bytes_moved(case: Case) -> int:

@@ -3,8 +3,10 @@ because a number without its device and versions cannot be compared with anythin
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -55,7 +57,31 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def collect(device: str, command: str) -> dict[str, str]:
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine since boot, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(interval_s: float = 0.5) -> float | None:
+    """How many cores other processes keep busy, sampled while this one sleeps; None off Linux.
+
+    On a shared CPU machine this is the first thing to check when timings look wrong: with torch's
+    default one thread per core, one busy core can make every parallel region wait a time slice."""
+    try:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(interval_s)
+        busy1, total1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return None
+    return round((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1), 2)
+
+
+def collect(device: str, command: str) -> dict[str, object]:
     """The per-run fields repeated in every CSV row, plus the command for the JSON and markdown."""
     return {
         "device_name": device_name(device),

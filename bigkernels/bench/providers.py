@@ -61,9 +61,11 @@ def bigkernels_backends(op: str, device: str, full: bool) -> tuple[list[str], di
     return runnable, skipped
 
 
-def _step_for(case: Case, inputs: Inputs, pair: ModulePair, module: torch.nn.Module, call_module) -> Step:
+def _step_for(
+    case: Case, inputs: Inputs, pair: ModulePair, module: torch.nn.Module, call_module: Callable[[Inputs], Outputs]
+) -> Step:
     leaves: list[Tensor] = [inputs[name] for name in pair.input_grads] + list(module.parameters())
-    grad_outputs = [inputs[name] for name in pair.grad_outputs]
+    grad_outputs = [inputs[name] for name in pair.grad_outputs] if case.mode != "fwd" else []
     return make_step(case.mode, lambda: call_module(inputs), leaves, grad_outputs)
 
 

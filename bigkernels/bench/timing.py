@@ -71,20 +71,27 @@ def _summary(seconds: list[float], method: str) -> Timing:
     return Timing(float(p50), float(p20), float(p80), len(ms), method)
 
 
+def _warm_up(step: Step, clock: Clock, budget: Budget) -> float:
+    """Run untimed calls for budget.warmup_s (at least 3 unless they are slow); return the fastest,
+    the least disturbed estimate of one call's duration."""
+    durations = [clock(step)]
+    start = time.perf_counter()
+    while len(durations) < 100:
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget.warmup_s and (len(durations) >= 3 or elapsed >= budget.target_s):
+            break
+        durations.append(clock(step))
+    return max(min(durations), 1e-7)
+
+
 def _interleaved(steps: dict[str, Step], clock: Clock, budget: Budget, errors: dict[str, str]) -> dict[str, list[float]]:
     """Per-call samples for every step. A step that raises is dropped and its error recorded."""
-    # Warm-up, which also estimates each call's duration (the fastest call: least disturbed).
     estimate: dict[str, float] = {}
     for name, step in steps.items():
         try:
-            durations = [clock(step)]
-            start = time.perf_counter()
-            while time.perf_counter() - start < budget.warmup_s and len(durations) < 100:
-                durations.append(clock(step))
+            estimate[name] = _warm_up(step, clock, budget)
         except Exception as exc:  # noqa: BLE001 - a failing provider must not stop the others
             errors[name] = f"{type(exc).__name__}: {exc}"
-            continue
-        estimate[name] = max(min(durations), 1e-7)
     if not estimate:
         return {}
     wanted = {
@@ -94,15 +101,23 @@ def _interleaved(steps: dict[str, Step], clock: Clock, budget: Budget, errors: d
     # As many rounds as the slowest provider has samples; faster ones take several per round.
     rounds = min(wanted.values())
     per_round = {name: max(1, n // rounds) for name, n in wanted.items()}
+    # The estimates come from few calls: on a loaded machine (another process competing for the
+    # cores makes OpenMP threads wait a whole time slice) the real calls can be 100x slower. Stop
+    # after 3x the planned time, once every provider has min_samples.
+    deadline = time.perf_counter() + 3 * budget.target_s * len(estimate)
     samples: dict[str, list[float]] = {name: [] for name in estimate}
     for _ in range(rounds):
         for name in list(samples):
             try:
                 for _ in range(per_round[name]):
                     samples[name].append(clock(steps[name]))
+                    if len(samples[name]) >= budget.min_samples and time.perf_counter() > deadline:
+                        break
             except Exception as exc:  # noqa: BLE001
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 del samples[name]
+        if time.perf_counter() > deadline and all(len(s) >= budget.min_samples for s in samples.values()):
+            break
     return samples
 
 

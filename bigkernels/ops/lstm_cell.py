@@ -21,6 +21,10 @@ OP = "lstm_cell"
 
 # ----------------------------------------------------------------------------------- fake kernels
 def _fake_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, need_workspace):
+    # The real kernels check their arguments; so must this (meta tensors mixed with real ones land here).
+    _check_arguments(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    if input.dim() != 2:
+        raise ValueError(f"bigkernels::lstm_cell takes a 2-D input, got {input.dim()}-D")
     batch, hidden = input.shape[0], w_hh.shape[1]
     workspace = input.new_empty((batch, 4 * hidden)) if need_workspace else input.new_empty((0,))
     return input.new_empty((batch, hidden)), input.new_empty((batch, hidden)), workspace
@@ -129,53 +133,13 @@ if _extension.AVAILABLE:
 
 
 # ----------------------------------------------------------------------------------- public API
-def _valid(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> bool:
-    """One cheap expression for the common, valid call (the per-call cost matters at batch 1);
-    `_explain_invalid` then finds and names what is wrong."""
-    if not (isinstance(hx, Tensor) and isinstance(cx, Tensor) and isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)):
-        return False
-    dtype, device = input.dtype, input.device
-    hidden = w_hh.shape[-1]
-    state_shape = (hidden,) if input.dim() == 1 else (input.shape[0], hidden)
-    ok = (
-        input.is_floating_point()
-        and input.dim() in (1, 2)
-        and w_hh.dim() == 2
-        and w_hh.shape[0] == 4 * hidden
-        and w_ih.dim() == 2
-        and w_ih.shape[0] == 4 * hidden
-        and w_ih.shape[1] == input.shape[-1]
-        and hx.shape == state_shape
-        and cx.shape == state_shape
-        and hx.dtype == dtype
-        and cx.dtype == dtype
-        and w_ih.dtype == dtype
-        and w_hh.dtype == dtype
-        and hx.device == device
-        and cx.device == device
-        and w_ih.device == device
-        and w_hh.device == device
-    )
-    if not ok or (b_ih is None and b_hh is None):
-        return ok
-    return (
-        isinstance(b_ih, Tensor)
-        and isinstance(b_hh, Tensor)
-        and b_ih.shape == (4 * hidden,)
-        and b_hh.shape == (4 * hidden,)
-        and b_ih.dtype == dtype
-        and b_hh.dtype == dtype
-        and b_ih.device == device
-        and b_hh.device == device
-    )
+def _check_arguments(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
+    """Raise a ValueError/TypeError naming the first argument that is wrong; return if all are fine.
 
-
-def _validate(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
-    if not _valid(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-        _explain_invalid(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-
-
-def _explain_invalid(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
+    The C++ and Triton ops check their arguments themselves (cheaply, in C++), so on their happy
+    path this runs only after an op has refused a call, to turn its error into a precise one; the
+    per-call Python cost matters at batch 1. The reference backend, which would broadcast its way
+    through bad shapes, and traced code (free at run time) always run it first."""
     check_tensor(input, "input")
     check_floating(input, "input")
     if input.dim() not in (1, 2):
@@ -205,7 +169,6 @@ def _explain_invalid(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
             check_tensor(b, name)
             check_shape(b, name, (4 * hidden,), "(4*hidden_size,)")
             check_like(b, name, input, "input")
-    raise AssertionError("bigkernels: _valid() and _explain_invalid() disagree")  # a bug, not bad input
 
 
 def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
@@ -249,21 +212,27 @@ def lstm_cell(
         if len(hx) != 2:
             raise ValueError(f"hx must be a pair (h, c), got a sequence of {len(hx)}")
         h, c = hx
-    input, h, c, w_ih, w_hh, b_ih, b_hh = _autocast([input, h, c, w_ih, w_hh, b_ih, b_hh], input.device.type)
-    _validate(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    args = _autocast([input, h, c, w_ih, w_hh, b_ih, b_hh], input.device.type)
+    input, h, c, w_ih, w_hh, b_ih, b_hh = args
+    backend = _backend.resolve(OP, input.device)
+    if backend == "reference" or torch.compiler.is_compiling():
+        _check_arguments(*args)
 
     unbatched = input.dim() == 1
     if unbatched:
         input, h, c = input.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
-    backend = _backend.resolve(OP, input.device)
     if backend == "reference":
         hy, cy = reference.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
-        op = torch.ops.bigkernels.lstm_cell_triton if backend == "triton" else torch.ops.bigkernels.lstm_cell
+        op = torch.ops.bigkernels.lstm_cell_triton.default if backend == "triton" else torch.ops.bigkernels.lstm_cell.default
         need_workspace = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh)
         )
-        hy, cy, _ = op(input, h, c, w_ih, w_hh, b_ih, b_hh, need_workspace)
+        try:
+            hy, cy, _ = op(input, h, c, w_ih, w_hh, b_ih, b_hh, need_workspace)
+        except (RuntimeError, TypeError):
+            _check_arguments(*args)  # raises the precise error when the arguments are at fault
+            raise
     if unbatched:
         hy, cy = hy.squeeze(0), cy.squeeze(0)
     return hy, cy

@@ -236,7 +236,7 @@ lstm_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                        const at::Tensor& workspace, std::array<bool, 4> output_mask) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto s = check_lstm_cell_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt);
-  check_lstm_cell_backward_args(grad_hy, grad_cy, cy, workspace, s);
+  check_lstm_cell_backward_args(grad_hy, grad_cy, cy, workspace, input, s);
   check_cpu(input);
   const int64_t B = s.batch, H = s.hidden_size;
   const bool need_bias = output_mask[3];

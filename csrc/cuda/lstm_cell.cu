@@ -45,8 +45,10 @@ constexpr int64_t kTargetThreads = int64_t{1} << 18;
 constexpr int64_t kMinRowsPerPartial = 32;
 // Widest vector load/store (LDG.128 / STG.128).
 constexpr int kVectorBytes = 16;
-// Bias-gradient finalize kernel: enough blocks for 4H columns, grid-stride beyond.
-constexpr int64_t kMaxFinalizeBlocks = 4096;
+// Bias-gradient finalize kernel: a warp reads 32 consecutive partial sums (one 128-byte line), and
+// 8 warps per block split the partial rows so that narrow layers (small 4H) still get parallelism.
+constexpr int kFinalizeColumns = 32;
+constexpr int kFinalizeSlices = 8;
 
 // ------------------------------------------------------------------------------ element types
 // Arithmetic type: float for float/half/bfloat16 storage, double for double.
@@ -259,17 +261,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// grad_bias[c] = sum over p of partials[p, c], p in order; zeros when num_partials == 0 (B == 0).
+// grad_bias[c] = sum over p of partials[p, c]; zeros when num_partials == 0 (B == 0). A block takes
+// kFinalizeColumns columns; its threadIdx.y-th slice adds rows p = y, y + kFinalizeSlices, ... in
+// order, then thread y == 0 adds the slices in order: fixed order, several loads in flight per column.
 template <typename T>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kFinalizeColumns * kFinalizeSlices)
     lstm_cell_bias_grad_kernel(const acc_t<T>* __restrict__ partials, int64_t num_partials,
                                int64_t n, T* __restrict__ grad_bias) {
   using A = acc_t<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
-    A sum = A(0);
-    for (int64_t p = 0; p < num_partials; ++p) sum += partials[p * n + c];
-    store_acc(grad_bias[c], sum);
+  __shared__ A slice_sums[kFinalizeSlices][kFinalizeColumns];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeColumns + threadIdx.x;
+  A sum = A(0);
+  if (c < n) {
+#pragma unroll 4
+    for (int64_t p = threadIdx.y; p < num_partials; p += kFinalizeSlices) sum += partials[p * n + c];
+  }
+  slice_sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n) {
+    A total = A(0);
+#pragma unroll
+    for (int y = 0; y < kFinalizeSlices; ++y) total += slice_sums[y][threadIdx.x];
+    store_acc(grad_bias[c], total);
   }
 }
 
@@ -386,10 +399,10 @@ cudaError_t backward(const T* grad_hy, const T* grad_cy, const T* cx, const T* c
   }
   if (need_bias) {
     const int64_t n = 4 * H;
-    const int64_t blocks = std::min(ceil_div(n, kThreadsPerBlock), kMaxFinalizeBlocks);
     const int64_t num_partials = B > 0 ? plan.row_blocks : 0;
-    lstm_cell_bias_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(
-        partials, num_partials, n, grad_bias);
+    const dim3 grid(static_cast<unsigned>(ceil_div(n, kFinalizeColumns)));
+    const dim3 block(kFinalizeColumns, kFinalizeSlices);
+    lstm_cell_bias_grad_kernel<T><<<grid, block, 0, stream>>>(partials, num_partials, n, grad_bias);
     return cudaGetLastError();
   }
   return cudaSuccess;

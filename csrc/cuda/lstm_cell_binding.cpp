@@ -38,17 +38,6 @@ DType check_cuda(const at::Tensor& input) {
   }
 }
 
-// The kernels read raw pointers, so every tensor they touch must have input's dtype and device
-// (the shared shape checks cover the forward arguments, not the backward's extra tensors).
-void check_backward_like_input(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
-                               const at::Tensor& cy, const at::Tensor& workspace,
-                               const at::Tensor& input) {
-  check_same(grad_hy, input, "grad_hy");
-  check_same(grad_cy, input, "grad_cy");
-  check_same(cy, input, "cy");
-  check_same(workspace, input, "workspace");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cuda(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -91,9 +80,8 @@ lstm_cell_backward_cuda(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                         const at::Tensor& workspace, std::array<bool, 4> output_mask) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto s = check_lstm_cell_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt);
-  check_lstm_cell_backward_args(grad_hy, grad_cy, cy, workspace, s);
+  check_lstm_cell_backward_args(grad_hy, grad_cy, cy, workspace, input, s);
   const DType dtype = check_cuda(input);
-  check_backward_like_input(grad_hy, grad_cy, cy, workspace, input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t B = s.batch, H = s.hidden_size;
   const bool need_bias = output_mask[3];

@@ -61,9 +61,10 @@ inline LstmCellSizes check_lstm_cell_args(const at::Tensor& input, const at::Ten
   return {batch, input_size, hidden};
 }
 
+// The kernels read raw pointers, so the backward's extra tensors need input's dtype and device too.
 inline void check_lstm_cell_backward_args(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                                           const at::Tensor& cy, const at::Tensor& workspace,
-                                          const LstmCellSizes& s) {
+                                          const at::Tensor& input, const LstmCellSizes& s) {
   for (const auto* t : {&grad_hy, &grad_cy, &cy}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == s.batch && t->size(1) == s.hidden_size,
                 "bigkernels::lstm_cell_backward: grad_hy, grad_cy and cy must be [batch, "
@@ -73,6 +74,10 @@ inline void check_lstm_cell_backward_args(const at::Tensor& grad_hy, const at::T
                   workspace.size(1) == 4 * s.hidden_size,
               "bigkernels::lstm_cell_backward: workspace must be the [batch, 4*hidden_size] "
               "gates saved by lstm_cell(need_workspace=True), got ", workspace.sizes());
+  check_same(grad_hy, input, "grad_hy");
+  check_same(grad_cy, input, "grad_cy");
+  check_same(cy, input, "cy");
+  check_same(workspace, input, "workspace");
 }
 
 }  // namespace bigkernels
