@@ -171,15 +171,13 @@ def _check_arguments(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
             check_like(b, name, input, "input")
 
 
-def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
+def _autocast(tensors: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
     """Match the stock cell's dtypes under autocast. CUDA: lstm_cell is on autocast's lower-precision
     list, so everything runs (and returns) in the autocast dtype. CPU: the stock cell returns the input
     dtype (only its inner linear calls drop to bfloat16); ours returns the input dtype too and keeps
     the GEMMs in it, which is at least as accurate."""
-    if device_type != "cuda" or not torch.is_autocast_enabled("cuda"):
-        return tensors
     dtype = torch.get_autocast_dtype("cuda")
-    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def lstm_cell(
@@ -212,9 +210,12 @@ def lstm_cell(
         if len(hx) != 2:
             raise ValueError(f"hx must be a pair (h, c), got a sequence of {len(hx)}")
         h, c = hx
-    args = _autocast([input, h, c, w_ih, w_hh, b_ih, b_hh], input.device.type)
-    input, h, c, w_ih, w_hh, b_ih, b_hh = args
-    backend = _backend.resolve(OP, input.device)
+    args = (input, h, c, w_ih, w_hh, b_ih, b_hh)
+    device = input.device
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        args = _autocast(args)
+        input, h, c, w_ih, w_hh, b_ih, b_hh = args
+    backend = _backend.resolve(OP, device)
     if backend == "reference" or torch.compiler.is_compiling():
         _check_arguments(*args)
 

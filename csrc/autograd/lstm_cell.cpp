@@ -102,6 +102,15 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_autograd(const Tensor& input, const
                                                       const std::optional<Tensor>& b_ih,
                                                       const std::optional<Tensor>& b_hh,
                                                       bool need_workspace) {
+  const bool any_requires_grad =
+      input.requires_grad() || hx.requires_grad() || cx.requires_grad() || w_ih.requires_grad() ||
+      w_hh.requires_grad() || (b_ih.has_value() && b_ih->requires_grad()) ||
+      (b_hh.has_value() && b_hh->requires_grad());
+  if (!at::GradMode::is_enabled() || !any_requires_grad) {
+    // Inference: no graph to record, so skip building an autograd node.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_op().call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, need_workspace);
+  }
   auto out = LstmCellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh, need_workspace);
   return {out[0], out[1], out[2]};
 }

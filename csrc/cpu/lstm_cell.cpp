@@ -51,20 +51,23 @@ const storage_t<scalar_t>* raw(const scalar_t* p) {
 // Elements per parallel task: below this, waking threads costs more than it saves.
 constexpr int64_t kPointwiseGrain = 16384;
 
-template <bool kWriteWorkspace, typename T>
-BK_ALWAYS_INLINE void forward_segment(const T* __restrict__ gates, const acc_t<T>* __restrict__ bias,
-                            const T* __restrict__ cx, T* __restrict__ hy, T* __restrict__ cy,
-                            T* __restrict__ workspace, int64_t H, int64_t j0, int64_t j1) {
+template <bool kHasBias, bool kWriteWorkspace, typename T>
+BK_ALWAYS_INLINE void forward_segment(const T* __restrict__ gates, const T* __restrict__ b_ih,
+                                      const T* __restrict__ b_hh, const T* __restrict__ cx,
+                                      T* __restrict__ hy, T* __restrict__ cy,
+                                      T* __restrict__ workspace, int64_t H, int64_t j0, int64_t j1) {
   using A = acc_t<T>;
-  // `bias` is never null (zeros when the cell has none); the workspace store is a template flag so
-  // that neither condition sits inside the vectorised loop.
+  // Bias and workspace are template flags so that no condition sits inside the vectorised loop.
 #pragma omp simd
   for (int64_t j = j0; j < j1; ++j) {
-    A pi = load_acc(gates[j]), pf = load_acc(gates[H + j]), pg = load_acc(gates[2 * H + j]), po = load_acc(gates[3 * H + j]);
-    pi += bias[j];
-    pf += bias[H + j];
-    pg += bias[2 * H + j];
-    po += bias[3 * H + j];
+    A pi = load_acc(gates[j]), pf = load_acc(gates[H + j]), pg = load_acc(gates[2 * H + j]),
+      po = load_acc(gates[3 * H + j]);
+    if constexpr (kHasBias) {
+      pi += load_acc(b_ih[j]) + load_acc(b_hh[j]);
+      pf += load_acc(b_ih[H + j]) + load_acc(b_hh[H + j]);
+      pg += load_acc(b_ih[2 * H + j]) + load_acc(b_hh[2 * H + j]);
+      po += load_acc(b_ih[3 * H + j]) + load_acc(b_hh[3 * H + j]);
+    }
     const A i = sigmoid_fast(pi), f = sigmoid_fast(pf), g = tanh_fast(pg), o = sigmoid_fast(po);
     const A c = f * load_acc(cx[j]) + i * g;
     cy[j] = store_as<T>(c);
@@ -76,6 +79,17 @@ BK_ALWAYS_INLINE void forward_segment(const T* __restrict__ gates, const acc_t<T
       workspace[3 * H + j] = store_as<T>(o);
     }
   }
+}
+
+// The four instantiations of forward_segment, chosen by the (loop-invariant) null pointers.
+template <typename T>
+BK_ALWAYS_INLINE void forward_segment_dispatch(const T* g, const T* b_ih, const T* b_hh,
+                                               const T* cx, T* hy, T* cy, T* ws, int64_t H,
+                                               int64_t j0, int64_t j1) {
+  if (b_ih && ws) forward_segment<true, true, T>(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
+  else if (b_ih) forward_segment<true, false, T>(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
+  else if (ws) forward_segment<false, true, T>(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
+  else forward_segment<false, false, T>(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
 }
 
 template <bool kBiasGrad, typename T>
@@ -114,11 +128,10 @@ BK_ALWAYS_INLINE void backward_segment(const T* __restrict__ grad_hy, const T* _
 
 // Non-template entry points, so that target_clones applies (it does not take templates).
 #define BK_DEFINE_SEGMENT_KERNELS(T, suffix)                                                     \
-  BK_MULTIVERSION void forward_segment_##suffix(const T* g, const acc_t<T>* b, const T* cx,      \
-                                                T* hy, T* cy, T* ws, int64_t H, int64_t j0,      \
-                                                int64_t j1) {                                    \
-    if (ws) forward_segment<true, T>(g, b, cx, hy, cy, ws, H, j0, j1);                           \
-    else forward_segment<false, T>(g, b, cx, hy, cy, ws, H, j0, j1);                             \
+  BK_MULTIVERSION void forward_segment_##suffix(const T* g, const T* b_ih, const T* b_hh,       \
+                                                const T* cx, T* hy, T* cy, T* ws, int64_t H,    \
+                                                int64_t j0, int64_t j1) {                        \
+    forward_segment_dispatch<T>(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);                      \
   }                                                                                              \
   BK_MULTIVERSION void backward_segment_##suffix(const T* dh, const T* dc, const T* cx,         \
                                                  const T* cy, const T* ws, T* dg, T* dcx,       \
@@ -132,10 +145,10 @@ BK_DEFINE_SEGMENT_KERNELS(uint16_t, bf16)
 #undef BK_DEFINE_SEGMENT_KERNELS
 
 // double is the reference/gradcheck dtype: libm math, no need for several ISAs.
-void forward_segment_f64(const double* g, const double* b, const double* cx, double* hy,
-                         double* cy, double* ws, int64_t H, int64_t j0, int64_t j1) {
-  if (ws) forward_segment<true, double>(g, b, cx, hy, cy, ws, H, j0, j1);
-  else forward_segment<false, double>(g, b, cx, hy, cy, ws, H, j0, j1);
+void forward_segment_f64(const double* g, const double* b_ih, const double* b_hh,
+                         const double* cx, double* hy, double* cy, double* ws, int64_t H,
+                         int64_t j0, int64_t j1) {
+  forward_segment_dispatch<double>(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
 }
 void backward_segment_f64(const double* dh, const double* dc, const double* cx, const double* cy,
                           const double* ws, double* dg, double* dcx, double* db, int64_t H,
@@ -144,18 +157,20 @@ void backward_segment_f64(const double* dh, const double* dc, const double* cx, 
   else backward_segment<false, double>(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
 }
 
-inline void forward_segment_any(const float* g, const float* b, const float* cx, float* hy,
-                                float* cy, float* ws, int64_t H, int64_t j0, int64_t j1) {
-  forward_segment_f32(g, b, cx, hy, cy, ws, H, j0, j1);
+inline void forward_segment_any(const float* g, const float* b_ih, const float* b_hh,
+                                const float* cx, float* hy, float* cy, float* ws, int64_t H,
+                                int64_t j0, int64_t j1) {
+  forward_segment_f32(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
 }
-inline void forward_segment_any(const uint16_t* g, const float* b, const uint16_t* cx,
-                                uint16_t* hy, uint16_t* cy, uint16_t* ws, int64_t H, int64_t j0,
-                                int64_t j1) {
-  forward_segment_bf16(g, b, cx, hy, cy, ws, H, j0, j1);
+inline void forward_segment_any(const uint16_t* g, const uint16_t* b_ih, const uint16_t* b_hh,
+                                const uint16_t* cx, uint16_t* hy, uint16_t* cy, uint16_t* ws,
+                                int64_t H, int64_t j0, int64_t j1) {
+  forward_segment_bf16(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
 }
-inline void forward_segment_any(const double* g, const double* b, const double* cx, double* hy,
-                                double* cy, double* ws, int64_t H, int64_t j0, int64_t j1) {
-  forward_segment_f64(g, b, cx, hy, cy, ws, H, j0, j1);
+inline void forward_segment_any(const double* g, const double* b_ih, const double* b_hh,
+                                const double* cx, double* hy, double* cy, double* ws, int64_t H,
+                                int64_t j0, int64_t j1) {
+  forward_segment_f64(g, b_ih, b_hh, cx, hy, cy, ws, H, j0, j1);
 }
 inline void backward_segment_any(const float* dh, const float* dc, const float* cx,
                                  const float* cy, const float* ws, float* dg, float* dcx,
@@ -197,20 +212,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
   at::Tensor gates = at::mm(input, w_ih.t());
   gates.addmm_(hx, w_hh.t());
   const at::Tensor cx_c = cx.contiguous();
+  const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
+  const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
   at::Tensor hy = at::empty({B, H}, input.options());
   at::Tensor cy = at::empty({B, H}, input.options());
   at::Tensor workspace = need_workspace ? at::empty({B, 4 * H}, input.options())
                                         : at::empty({0}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "lstm_cell_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    // Both biases summed once in the arithmetic type (zeros without biases): one load per gate
-    // element in the hot loop.
-    const auto acc_type = c10::CppTypeToScalarType<A>::value;
-    const at::Tensor bias = b_ih.has_value()
-                                ? b_ih->to(acc_type).add(*b_hh).contiguous()
-                                : at::zeros({4 * H}, input.options().dtype(acc_type));
-    const A* bias_p = bias.const_data_ptr<A>();
+    // Both biases are read in the hot loop (two loads per gate element): cheaper at small batch
+    // than a separate pass that sums them, and free at large batch where the GEMM dominates.
+    const scalar_t* bi = b_ih_c.defined() ? b_ih_c.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bh = b_hh_c.defined() ? b_hh_c.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = gates.const_data_ptr<scalar_t>();
     const scalar_t* c0 = cx_c.const_data_ptr<scalar_t>();
     scalar_t* h1 = hy.mutable_data_ptr<scalar_t>();
@@ -220,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
     at::parallel_for(0, B * H, kPointwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end;) {
         const int64_t b = idx / H, j0 = idx % H, j1 = std::min(H, j0 + (end - idx));
-        forward_segment_any(raw(g + b * 4 * H), bias_p, raw(c0 + b * H), raw(h1 + b * H),
+        forward_segment_any(raw(g + b * 4 * H), bi ? raw(bi) : nullptr, bh ? raw(bh) : nullptr,
+                            raw(c0 + b * H), raw(h1 + b * H),
                             raw(c1 + b * H), ws ? raw(ws + b * 4 * H) : nullptr, H, j0, j1);
         idx += j1 - j0;
       }
