@@ -16,7 +16,7 @@
 #include <array>
 #include <vector>
 
-#include "../shapes/lstm_cell.h"
+#include "../common/lstm_cell.h"
 #include "fast_math.h"
 
 namespace bigkernels::cpu {
@@ -188,10 +188,6 @@ inline void backward_segment_any(const double* dh, const double* dc, const doubl
   backward_segment_f64(dh, dc, cx, cy, ws, dg, dcx, db, H, j0, j1);
 }
 
-// The op itself decides its precision (bigkernels/ops/lstm_cell.py casts under autocast, as the stock
-// cell does); the GEMMs inside must not be autocast a second time, or they return another dtype.
-using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
-
 void check_cpu(const at::Tensor& input) {
   TORCH_CHECK(input.device().is_cpu(), "bigkernels::lstm_cell CPU kernel got a tensor on ",
               input.device());
@@ -209,26 +205,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
   check_cpu(input);
   const int64_t B = s.batch, H = s.hidden_size;
 
-  at::Tensor gates = at::mm(input, w_ih.t());
-  gates.addmm_(hx, w_hh.t());
-  const at::Tensor cx_c = cx.contiguous();
-  const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
-  const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
-  at::Tensor hy = at::empty({B, H}, input.options());
-  at::Tensor cy = at::empty({B, H}, input.options());
-  at::Tensor workspace = need_workspace ? at::empty({B, 4 * H}, input.options())
-                                        : at::empty({0}, input.options());
+  auto buf = lstm_cell_forward_buffers(input, hx, cx, w_ih, w_hh, b_ih, b_hh, need_workspace, s);
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "lstm_cell_cpu", [&] {
     // Both biases are read in the hot loop (two loads per gate element): cheaper at small batch
     // than a separate pass that sums them, and free at large batch where the GEMM dominates.
-    const scalar_t* bi = b_ih_c.defined() ? b_ih_c.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bh = b_hh_c.defined() ? b_hh_c.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* g = gates.const_data_ptr<scalar_t>();
-    const scalar_t* c0 = cx_c.const_data_ptr<scalar_t>();
-    scalar_t* h1 = hy.mutable_data_ptr<scalar_t>();
-    scalar_t* c1 = cy.mutable_data_ptr<scalar_t>();
-    scalar_t* ws = need_workspace ? workspace.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bi = buf.b_ih.defined() ? buf.b_ih.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bh = buf.b_hh.defined() ? buf.b_hh.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g = buf.gates.const_data_ptr<scalar_t>();
+    const scalar_t* c0 = buf.cx.const_data_ptr<scalar_t>();
+    scalar_t* h1 = buf.hy.mutable_data_ptr<scalar_t>();
+    scalar_t* c1 = buf.cy.mutable_data_ptr<scalar_t>();
+    scalar_t* ws = need_workspace ? buf.workspace.mutable_data_ptr<scalar_t>() : nullptr;
     // Flat range over [B, H]; each task walks the row segments it covers.
     at::parallel_for(0, B * H, kPointwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end;) {
@@ -240,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
       }
     });
   });
-  return {hy, cy, workspace};
+  return {buf.hy, buf.cy, buf.workspace};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -255,21 +243,18 @@ lstm_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
   const int64_t B = s.batch, H = s.hidden_size;
   const bool need_bias = output_mask[3];
 
-  const auto opts = input.options();
-  at::Tensor grad_gates = at::empty({B, 4 * H}, opts);
-  at::Tensor grad_cx = at::empty({B, H}, opts);
-  at::Tensor grad_bias = at::empty({need_bias ? 4 * H : 0}, opts);
-  const at::Tensor dh = grad_hy.contiguous(), dc = grad_cy.contiguous(), c0 = cx.contiguous(),
-                   c1 = cy.contiguous(), ws = workspace.contiguous();
+  auto buf = lstm_cell_backward_buffers(grad_hy, grad_cy, cx, cy, workspace, input, need_bias, s);
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "lstm_cell_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t *dh_p = dh.const_data_ptr<scalar_t>(), *dc_p = dc.const_data_ptr<scalar_t>(),
-                   *c0_p = c0.const_data_ptr<scalar_t>(), *c1_p = c1.const_data_ptr<scalar_t>(),
-                   *ws_p = ws.const_data_ptr<scalar_t>();
-    scalar_t* dg_p = grad_gates.mutable_data_ptr<scalar_t>();
-    scalar_t* dcx_p = grad_cx.mutable_data_ptr<scalar_t>();
-    scalar_t* db_p = need_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dh_p = buf.grad_hy.const_data_ptr<scalar_t>();
+    const scalar_t* dc_p = buf.grad_cy.const_data_ptr<scalar_t>();
+    const scalar_t* c0_p = buf.cx.const_data_ptr<scalar_t>();
+    const scalar_t* c1_p = buf.cy.const_data_ptr<scalar_t>();
+    const scalar_t* ws_p = buf.workspace.const_data_ptr<scalar_t>();
+    scalar_t* dg_p = buf.grad_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* dcx_p = buf.grad_cx.mutable_data_ptr<scalar_t>();
+    scalar_t* db_p = need_bias ? buf.grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
     // Parallel over hidden columns, all rows per task: each task owns its columns' bias sums, so
     // the reduction over the batch needs no atomics and is deterministic.
     const int64_t grain = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(B, 1));
@@ -290,13 +275,7 @@ lstm_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& grad_cy,
     });
   });
 
-  // Each skipped gradient is its own empty tensor: op outputs must never alias one another.
-  auto empty = [&] { return at::empty({0}, opts); };
-  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih) : empty();
-  at::Tensor grad_hx = output_mask[1] ? at::mm(grad_gates, w_hh) : empty();
-  at::Tensor grad_w_ih = output_mask[2] ? at::mm(grad_gates.t(), input) : empty();
-  at::Tensor grad_w_hh = output_mask[2] ? at::mm(grad_gates.t(), hx) : empty();
-  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
+  return lstm_cell_backward_gemms(buf, input, hx, w_ih, w_hh, output_mask);
 }
 
 }  // namespace
