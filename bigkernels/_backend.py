@@ -28,6 +28,7 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 # GPU backends that implement each op, fastest first (measured: see benchmarks/results/).
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
+    "lstm": ("cuda", "triton"),
 }
 
 

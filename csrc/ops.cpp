@@ -22,6 +22,28 @@ TORCH_LIBRARY(bigkernels, m) {
       "Tensor w_ih, Tensor w_hh, Tensor cy, Tensor workspace, bool[4] output_mask) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias)");
+
+  // One LSTM layer in one direction over a whole sequence, torch.nn.LSTM semantics.
+  //   Padded: input [T, B, I] -> output [T, B, P]. Packed (batch_sizes given: int64 CPU [T],
+  //   non-increasing, as PackedSequence.batch_sizes): input [N, I] -> output [N, P], step t runs
+  //   the first batch_sizes[t] rows. h0 [B, P], c0 [B, H] -> h_n [B, P], c_n [B, H] (each row's
+  //   state after its last step). P = w_hr.size(0) with a projection (w_hr [P, H]), else H;
+  //   w_hh is [4H, P]. reverse runs the steps last to first.
+  //   gates [rows, 4H] (activated i, f, g, o) and cells [rows, H] (c after each step) are the
+  //   workspace the backward needs, rows = T*B or N; both empty when not need_workspace.
+  m.def(
+      "lstm(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_workspace) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // Backward of lstm (BPTT). output_mask says which of (input, weights, bias) need a gradient;
+  // unneeded ones come back empty. grad_h0 and grad_c0 are always computed (by-products of the
+  // recurrence). grad_w_hr is empty without a projection.
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "bool reverse, Tensor output, Tensor gates, Tensor cells, bool[3] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
 }
 
 // `import bigkernels._C` loads this library, which runs the registrations above. No Python API

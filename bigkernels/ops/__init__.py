@@ -4,6 +4,6 @@ One module per op, named after it (bigkernels.ops.lstm_cell, ...). Importing thi
 the fake and autograd implementations of all ops. The public entry points live in
 bigkernels.nn.functional.
 """
-from bigkernels.ops import lstm_cell  # noqa: F401  (registers the op's fake/autograd kernels)
+from bigkernels.ops import lstm, lstm_cell  # noqa: F401  (registers the ops' fake/autograd kernels)
 
-__all__ = ["lstm_cell"]
+__all__ = ["lstm", "lstm_cell"]

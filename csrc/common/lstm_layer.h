@@ -1,0 +1,268 @@
+// bigkernels::lstm (one LSTM layer, one direction, whole sequence) written once for every device.
+//
+// The recurrence is the same sequence of ATen calls on the CPU and on CUDA; only the fused
+// pointwise passes differ. So the algorithm is a template over a `Pointwise` policy:
+//   Pointwise::forward(gates [n,4H] pre-activations with biases, cx [n,H], hy, cy [n,H] out,
+//                      workspace [n,4H] activated gates out, or undefined)
+//   Pointwise::backward(grad_hy, grad_cy, cx, cy [n,H], workspace [n,4H],
+//                       grad_gates [n,4H] out, grad_cx [n,H] out)
+// (all dense row-major), instantiated in csrc/cpu/lstm.cpp and csrc/cuda/lstm_binding.cpp.
+//
+// Forward: the input projection of ALL steps is one GEMM (biases folded in as its beta term);
+// each step adds h_{t-1} @ w_hh^T into its slice of that buffer (one GEMM) and runs one fused
+// pointwise pass that writes h (or, with a projection, o*tanh(c), then one more GEMM), c and the
+// activated gates straight into the outputs and workspace. Packed sequences shrink (or, reversed,
+// grow) the active batch: step t touches only its first batch_sizes[t] rows, no padding.
+// Backward (BPTT): per step one fused pointwise pass and one GEMM (dh_{t-1} = dG_t @ w_hh);
+// everything that does not depend on time (grad_input and the weight and bias gradients) is one
+// GEMM or reduction over the whole sequence after the loop.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "lstm_cell.h"
+
+namespace bigkernels {
+
+struct LstmSizes {
+  int64_t batch, input_size, hidden, proj, rows;
+  bool packed;
+};
+
+// Which rows each step runs, where they sit in the [rows, *] buffers, and in which order.
+struct LstmSchedule {
+  std::vector<int64_t> sizes;    // active rows of step t
+  std::vector<int64_t> offsets;  // first row of step t in the [rows, *] buffers
+  std::vector<int64_t> order;    // processing order of the steps (reversed for reverse=true)
+};
+
+inline LstmSizes check_lstm_args(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                                 const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                 const std::optional<at::Tensor>& b_hh,
+                                 const std::optional<at::Tensor>& w_hr) {
+  const bool packed = batch_sizes.has_value();
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "bigkernels::lstm: input must be a floating-point tensor, got ", input.scalar_type());
+  TORCH_CHECK(input.dim() == (packed ? 2 : 3), "bigkernels::lstm: input must be ",
+              packed ? "2-D [total_steps, input_size] (packed)" : "3-D [seq_len, batch, input_size]",
+              ", got ", input.dim(), "-D");
+  TORCH_CHECK(c0.dim() == 2, "bigkernels::lstm: c0 must be 2-D [batch, hidden_size], got ", c0.sizes());
+  const int64_t batch = c0.size(0), hidden = c0.size(1), input_size = input.size(-1);
+  int64_t proj = hidden;
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == hidden && w_hr->size(0) > 0 &&
+                    w_hr->size(0) < hidden,
+                "bigkernels::lstm: w_hr must be [proj_size, hidden_size] with 0 < proj_size < ",
+                hidden, ", got ", w_hr->sizes());
+    proj = w_hr->size(0);
+    check_same(*w_hr, input, "w_hr");
+  }
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == batch && h0.size(1) == proj,
+              "bigkernels::lstm: h0 must be [batch, proj_size or hidden_size] = [", batch, ", ",
+              proj, "], got ", h0.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * hidden && w_ih.size(1) == input_size,
+              "bigkernels::lstm: w_ih must be [4*hidden_size, input_size] = [", 4 * hidden, ", ",
+              input_size, "], got ", w_ih.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * hidden && w_hh.size(1) == proj,
+              "bigkernels::lstm: w_hh must be [4*hidden_size, proj_size or hidden_size] = [",
+              4 * hidden, ", ", proj, "], got ", w_hh.sizes());
+  check_same(h0, input, "h0");
+  check_same(c0, input, "c0");
+  check_same(w_ih, input, "w_ih");
+  check_same(w_hh, input, "w_hh");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "bigkernels::lstm: b_ih and b_hh must both be given or both be None");
+  if (b_ih.has_value()) {
+    for (const auto* b : {&*b_ih, &*b_hh}) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * hidden,
+                  "bigkernels::lstm: biases must be [4*hidden_size] = [", 4 * hidden, "], got ",
+                  b->sizes());
+      check_same(*b, input, b == &*b_ih ? "b_ih" : "b_hh");
+    }
+  }
+  int64_t rows = 0;
+  if (packed) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "bigkernels::lstm: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.sizes(), " ",
+                bs.scalar_type(), " on ", bs.device());
+    const at::Tensor bsc = bs.contiguous();
+    const int64_t* p = bsc.const_data_ptr<int64_t>();
+    for (int64_t t = 0; t < bs.numel(); ++t) {
+      TORCH_CHECK(p[t] >= 0 && p[t] <= (t == 0 ? batch : p[t - 1]),
+                  "bigkernels::lstm: batch_sizes must be non-increasing and at most the batch (",
+                  batch, "), got ", bs);
+      rows += p[t];
+    }
+    TORCH_CHECK(bs.numel() == 0 || p[0] == batch, "bigkernels::lstm: h0/c0 must have batch_sizes[0] = ",
+                bs.numel() ? p[0] : 0, " rows, got ", batch);
+    TORCH_CHECK(rows == input.size(0), "bigkernels::lstm: batch_sizes sum to ", rows,
+                " but the packed input has ", input.size(0), " rows");
+  } else {
+    TORCH_CHECK(input.size(1) == batch, "bigkernels::lstm: h0/c0 must have the input's batch ",
+                input.size(1), ", got ", batch);
+    rows = input.size(0) * batch;
+  }
+  return {batch, input_size, hidden, proj, rows, packed};
+}
+
+inline LstmSchedule make_lstm_schedule(const at::Tensor& input,
+                                       const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                                       const LstmSizes& s) {
+  LstmSchedule sched;
+  if (s.packed) {
+    const at::Tensor bsc = batch_sizes->contiguous();
+    sched.sizes.assign(bsc.const_data_ptr<int64_t>(), bsc.const_data_ptr<int64_t>() + bsc.numel());
+  } else {
+    sched.sizes.assign(input.size(0), s.batch);
+  }
+  const int64_t steps = static_cast<int64_t>(sched.sizes.size());
+  sched.offsets.resize(steps);
+  for (int64_t t = 0, off = 0; t < steps; off += sched.sizes[t], ++t) sched.offsets[t] = off;
+  sched.order.resize(steps);
+  for (int64_t k = 0; k < steps; ++k) sched.order[k] = reverse ? steps - 1 - k : k;
+  return sched;
+}
+
+// The state [n, D] that the k-th processed step starts from, for its n rows: the rows of the
+// previous processed step (stored in `all`, [rows, D]) and, where that step had fewer rows (a
+// reversed packed sequence whose shorter sequences start later), the initial state `init` [B, D].
+inline at::Tensor previous_state(const at::Tensor& all, const at::Tensor& init,
+                                 const LstmSchedule& sched, size_t k, int64_t n) {
+  if (k == 0) return init.narrow(0, 0, n);
+  const int64_t t_prev = sched.order[k - 1];
+  const int64_t m = std::min(n, sched.sizes[t_prev]);
+  const at::Tensor carried = all.narrow(0, sched.offsets[t_prev], m);
+  return m == n ? carried : at::cat({carried, init.narrow(0, m, n - m)});
+}
+
+template <class Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const LstmSizes s = check_lstm_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const LstmSchedule sched = make_lstm_schedule(input, batch_sizes, reverse, s);
+  const auto opts = input.options();
+  const int64_t H = s.hidden, P = s.proj;
+  const bool proj = w_hr.has_value();
+
+  const at::Tensor x2d = input.reshape({s.rows, s.input_size});
+  at::Tensor pre = b_ih.has_value() ? at::addmm(*b_ih + *b_hh, x2d, w_ih.t()) : at::mm(x2d, w_ih.t());
+  at::Tensor output = at::empty({s.rows, P}, opts);
+  at::Tensor gates = need_workspace ? at::empty({s.rows, 4 * H}, opts) : at::empty({0}, opts);
+  at::Tensor cells = need_workspace ? at::empty({s.rows, H}, opts) : at::empty({0}, opts);
+  // Running state, one row per sequence: rows a step does not run keep their last state, which is
+  // what h_n/c_n report for sequences that end early.
+  at::Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
+  at::Tensor c_step = need_workspace ? at::Tensor() : at::empty({s.batch, H}, opts);
+  at::Tensor r = proj ? at::empty({s.batch, H}, opts) : at::Tensor();
+
+  for (const int64_t t : sched.order) {
+    const int64_t n = sched.sizes[t], off = sched.offsets[t];
+    if (n == 0) continue;
+    at::Tensor g = pre.narrow(0, off, n);
+    g.addmm_(h.narrow(0, 0, n), w_hh.t());
+    at::Tensor out_t = output.narrow(0, off, n);
+    at::Tensor c_new = need_workspace ? cells.narrow(0, off, n) : c_step.narrow(0, 0, n);
+    at::Tensor h_new = proj ? r.narrow(0, 0, n) : out_t;
+    Pointwise::forward(g, c.narrow(0, 0, n), h_new, c_new,
+                       need_workspace ? gates.narrow(0, off, n) : at::Tensor());
+    if (proj) at::mm_out(out_t, h_new, w_hr->t());
+    h.narrow(0, 0, n).copy_(out_t);
+    c.narrow(0, 0, n).copy_(c_new);
+  }
+  if (!s.packed) output = output.view({input.size(0), s.batch, P});
+  return {output, h, c, gates, cells};
+}
+
+template <class Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                    const at::Tensor& grad_c_n, const at::Tensor& input,
+                    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
+                    const at::Tensor& gates, const at::Tensor& cells,
+                    std::array<bool, 3> output_mask) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const LstmSizes s = check_lstm_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt,
+                                      std::nullopt, w_hr);
+  const int64_t H = s.hidden, P = s.proj;
+  TORCH_CHECK(output.numel() == s.rows * P && grad_output.sizes() == output.sizes(),
+              "bigkernels::lstm_backward: output and grad_output must be the forward's output, ",
+              "got ", output.sizes(), " and ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),
+              "bigkernels::lstm_backward: grad_h_n/grad_c_n must be shaped like h0/c0");
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == s.rows && gates.size(1) == 4 * H &&
+                  cells.dim() == 2 && cells.size(0) == s.rows && cells.size(1) == H,
+              "bigkernels::lstm_backward: gates/cells must be the workspace saved by "
+              "lstm(need_workspace=True), got ", gates.sizes(), " and ", cells.sizes());
+  for (const auto* t : {&grad_output, &grad_h_n, &grad_c_n, &output, &gates, &cells}) {
+    check_same(*t, input, "grad/workspace tensors");
+  }
+  const LstmSchedule sched = make_lstm_schedule(input, batch_sizes, reverse, s);
+  const auto opts = input.options();
+  const bool proj = w_hr.has_value();
+
+  const at::Tensor dout = grad_output.reshape({s.rows, P}).contiguous();
+  const at::Tensor out2d = output.reshape({s.rows, P}).contiguous();
+  const at::Tensor ws = gates.contiguous(), cs = cells.contiguous();
+  const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
+  at::Tensor grad_gates = at::empty({s.rows, 4 * H}, opts);
+  // Gradients with respect to the running state, one row per sequence (see the forward).
+  at::Tensor dh = grad_h_n.contiguous().clone(), dc = grad_c_n.contiguous().clone();
+  at::Tensor dcx = at::empty({s.batch, H}, opts);
+  at::Tensor dh_all = proj && output_mask[1] ? at::empty({s.rows, P}, opts) : at::Tensor();
+  at::Tensor dr = proj ? at::empty({s.batch, H}, opts) : at::Tensor();
+
+  for (size_t k = sched.order.size(); k-- > 0;) {
+    const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+    if (n == 0) continue;
+    // Everything that reaches h_t: the output's own gradient and the recurrence's.
+    const at::Tensor dh_t = dout.narrow(0, off, n) + dh.narrow(0, 0, n);
+    at::Tensor grad_hy = dh_t;
+    if (proj) {
+      if (dh_all.defined()) dh_all.narrow(0, off, n).copy_(dh_t);
+      grad_hy = dr.narrow(0, 0, n);
+      at::mm_out(grad_hy, dh_t, *w_hr);
+    }
+    at::Tensor grad_g = grad_gates.narrow(0, off, n);
+    Pointwise::backward(grad_hy, dc.narrow(0, 0, n), previous_state(cs, c_init, sched, k, n),
+                        cs.narrow(0, off, n), ws.narrow(0, off, n), grad_g, dcx.narrow(0, 0, n));
+    dc.narrow(0, 0, n).copy_(dcx.narrow(0, 0, n));
+    at::Tensor dh_prev = dh.narrow(0, 0, n);
+    at::mm_out(dh_prev, grad_g, w_hh);
+  }
+
+  auto empty = [&] { return at::empty({0}, opts); };
+  at::Tensor grad_input =
+      output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
+  at::Tensor grad_w_ih = empty(), grad_w_hh = empty(), grad_w_hr = empty();
+  if (output_mask[1]) {
+    at::Tensor h_prev = at::empty({s.rows, P}, opts);
+    for (size_t k = 0; k < sched.order.size(); ++k) {
+      const int64_t t = sched.order[k], n = sched.sizes[t];
+      if (n > 0) h_prev.narrow(0, sched.offsets[t], n).copy_(previous_state(out2d, h_init, sched, k, n));
+    }
+    grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
+    grad_w_hh = at::mm(grad_gates.t(), h_prev);
+    if (proj) {
+      // r_t = o_t * tanh(c_t), recomputed from the workspace rather than stored.
+      const at::Tensor r_all = ws.narrow(1, 3 * H, H) * at::tanh(cs);
+      grad_w_hr = at::mm(dh_all.t(), r_all);
+    }
+  }
+  at::Tensor grad_bias = output_mask[2] ? grad_gates.sum(0) : empty();
+  return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+}  // namespace bigkernels

@@ -1,0 +1,62 @@
+// bigkernels::lstm on the CPU: the device-independent recurrence of csrc/common/lstm_layer.h with
+// the CPU's fused pointwise passes (lstm_pointwise.cpp), run step by step from C++ (no Python per
+// time step).
+#include <torch/library.h>
+
+#include "../common/lstm_layer.h"
+#include "lstm_pointwise.h"
+
+namespace bigkernels::cpu {
+namespace {
+
+struct CpuPointwise {
+  static void forward(const at::Tensor& gates, const at::Tensor& cx, const at::Tensor& hy,
+                      const at::Tensor& cy, const at::Tensor& workspace) {
+    lstm_pointwise_forward(gates, at::Tensor(), at::Tensor(), cx, hy, cy, workspace);
+  }
+  static void backward(const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& cx,
+                       const at::Tensor& cy, const at::Tensor& workspace,
+                       const at::Tensor& grad_gates, const at::Tensor& grad_cx) {
+    lstm_pointwise_backward(grad_hy, grad_cy, cx, cy, workspace, grad_gates, grad_cx, at::Tensor());
+  }
+};
+
+void check_cpu(const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), "bigkernels::lstm CPU kernel got a tensor on ", input.device());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+              "bigkernels::lstm on CPU supports float32, float64 and bfloat16, got ", dt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace) {
+  check_cpu(input);
+  return lstm_layer_forward<CpuPointwise>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                          reverse, need_workspace);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                  const at::Tensor& grad_c_n, const at::Tensor& input,
+                  const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
+                  const at::Tensor& gates, const at::Tensor& cells,
+                  std::array<bool, 3> output_mask) {
+  check_cpu(input);
+  return lstm_layer_backward<CpuPointwise>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
+                                           c0, w_ih, w_hh, w_hr, reverse, output, gates, cells,
+                                           output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("lstm", &lstm_cpu);
+  m.impl("lstm_backward", &lstm_backward_cpu);
+}
+
+}  // namespace bigkernels::cpu
