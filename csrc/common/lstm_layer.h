@@ -142,6 +142,24 @@ inline at::Tensor previous_state(const at::Tensor& all, const at::Tensor& init,
   return m == n ? carried : at::cat({carried, init.narrow(0, m, n - m)});
 }
 
+// Each sequence's state after its last step ([B, D]): `all` ([rows, D]) holds every step's
+// state; sequences that run no step keep `init`. Walking the steps from the last processed one,
+// a step's rows beyond those already filled are sequences whose last step it was.
+inline at::Tensor final_state(const at::Tensor& all, const at::Tensor& init,
+                              const LstmSchedule& sched) {
+  at::Tensor out = at::empty_like(init);
+  int64_t filled = 0;
+  for (size_t k = sched.order.size(); k-- > 0;) {
+    const int64_t t = sched.order[k], n = sched.sizes[t];
+    if (n > filled) {
+      out.narrow(0, filled, n - filled).copy_(all.narrow(0, sched.offsets[t] + filled, n - filled));
+      filled = n;
+    }
+  }
+  if (filled < init.size(0)) out.narrow(0, filled, init.size(0) - filled).copy_(init.narrow(0, filled, init.size(0) - filled));
+  return out;
+}
+
 template <class Pointwise>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
@@ -160,26 +178,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor output = at::empty({s.rows, P}, opts);
   at::Tensor gates = need_workspace ? at::empty({s.rows, 4 * H}, opts) : at::empty({0}, opts);
   at::Tensor cells = need_workspace ? at::empty({s.rows, H}, opts) : at::empty({0}, opts);
-  // Running state, one row per sequence: rows a step does not run keep their last state, which is
-  // what h_n/c_n report for sequences that end early.
-  at::Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
+  const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
+  // Each step reads the previous step's h (and, when stored, c) straight from the output (and
+  // cells) buffer: no per-step copies. Inference stores no cells, so it carries c in c_run, one
+  // row per sequence (rows a step does not run keep their state).
+  at::Tensor c_run = need_workspace ? at::Tensor() : c_init.clone();
   at::Tensor c_step = need_workspace ? at::Tensor() : at::empty({s.batch, H}, opts);
   at::Tensor r = proj ? at::empty({s.batch, H}, opts) : at::Tensor();
 
-  for (const int64_t t : sched.order) {
-    const int64_t n = sched.sizes[t], off = sched.offsets[t];
+  for (size_t k = 0; k < sched.order.size(); ++k) {
+    const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
     if (n == 0) continue;
     at::Tensor g = pre.narrow(0, off, n);
-    g.addmm_(h.narrow(0, 0, n), w_hh.t());
+    g.addmm_(previous_state(output, h_init, sched, k, n), w_hh.t());
+    const at::Tensor c_prev =
+        need_workspace ? previous_state(cells, c_init, sched, k, n) : c_run.narrow(0, 0, n);
     at::Tensor out_t = output.narrow(0, off, n);
     at::Tensor c_new = need_workspace ? cells.narrow(0, off, n) : c_step.narrow(0, 0, n);
     at::Tensor h_new = proj ? r.narrow(0, 0, n) : out_t;
-    Pointwise::forward(g, c.narrow(0, 0, n), h_new, c_new,
+    Pointwise::forward(g, c_prev, h_new, c_new,
                        need_workspace ? gates.narrow(0, off, n) : at::Tensor());
     if (proj) at::mm_out(out_t, h_new, w_hr->t());
-    h.narrow(0, 0, n).copy_(out_t);
-    c.narrow(0, 0, n).copy_(c_new);
+    if (!need_workspace) c_run.narrow(0, 0, n).copy_(c_new);
   }
+  at::Tensor h = final_state(output, h_init, sched);
+  at::Tensor c = need_workspace ? final_state(cells, c_init, sched) : c_run;
   if (!s.packed) output = output.view({input.size(0), s.batch, P});
   return {output, h, c, gates, cells};
 }
