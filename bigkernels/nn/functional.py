@@ -1,4 +1,5 @@
 """bigkernels.nn.functional: torch.nn.functional-style entry points to the fused kernels."""
+from bigkernels.ops.lstm import lstm_layer
 from bigkernels.ops.lstm_cell import lstm_cell
 
-__all__ = ["lstm_cell"]
+__all__ = ["lstm_cell", "lstm_layer"]

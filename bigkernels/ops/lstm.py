@@ -30,7 +30,8 @@ def _sizes(input, batch_sizes, h0, c0, w_hh, w_hr):
 
 
 def _fake_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, need_workspace):
-    _check_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    # Shapes only: a fake batch_sizes has no values, and the outputs' shapes do not depend on them.
+    _check_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, check_values=False)
     hidden, proj, rows = _sizes(input, batch_sizes, h0, c0, w_hh, w_hr)
     if batch_sizes is None:
         output = input.new_empty((input.shape[0], input.shape[1], proj))
@@ -150,11 +151,13 @@ if _extension.AVAILABLE:
 
 
 # ----------------------------------------------------------------------------------- public API
-def _check_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> None:
+def _check_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, check_values: bool = True) -> None:
     """Raise a ValueError/TypeError naming the first argument that is wrong; return if all are fine.
 
     As for the LSTM cell: the kernels check their own arguments, so on their happy path this runs
-    only after a kernel refused a call; the reference backend and traced code always run it first."""
+    only after a kernel refused a call; the reference backend and traced code always run it first.
+    check_values=False skips the checks that read batch_sizes' values (not available when tracing;
+    the kernels check them at run time)."""
     check_tensor(input, "input")
     check_floating(input, "input")
     packed = batch_sizes is not None
@@ -186,14 +189,14 @@ def _check_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -
     input_size = input.shape[-1]
     check_shape(w_ih, "w_ih", (4 * hidden, input_size), "(4*hidden_size, input_size)")
     check_shape(w_hh, "w_hh", (4 * hidden, proj), "(4*hidden_size, proj_size or hidden_size)")
-    if packed:
+    if packed and check_values:
         if batch_sizes.numel() and int(batch_sizes[0]) != batch:
             raise ValueError(f"h0 and c0 must have batch_sizes[0] = {int(batch_sizes[0])} rows for packed input, got {batch}")
         if int(batch_sizes.sum()) != input.shape[0]:
             raise ValueError(f"batch_sizes must sum to the packed input's rows ({input.shape[0]}), got {int(batch_sizes.sum())}")
         if batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
             raise ValueError("batch_sizes must be non-increasing (sequences sorted by length, as PackedSequence keeps them)")
-    elif input.shape[1] != batch:
+    elif not packed and input.shape[1] != batch:
         raise ValueError(f"h0 and c0 must have the input's batch size {input.shape[1]}, got {batch}")
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be given or both be None")
@@ -232,13 +235,18 @@ def lstm_layer(
     """
     check_tensor(input, "input")
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
+    device_type = input.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        # Stock nn.LSTM runs in the autocast dtype on both devices (cuDNN's and oneDNN's RNN ops
+        # are on autocast's lower-precision lists); unlike the cell, which stays float32 on CPU.
+        dtype = torch.get_autocast_dtype(device_type)
         args = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in args)
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
     backend = _backend.resolve(OP, input.device)
-    if backend == "reference" or torch.compiler.is_compiling():
+    if backend == "reference":
         _check_arguments(*args)
+    elif torch.compiler.is_compiling():
+        _check_arguments(*args, check_values=False)
     if backend == "reference":
         return reference.lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     op = torch.ops.bigkernels.lstm_triton.default if backend == "triton" else torch.ops.bigkernels.lstm.default
