@@ -42,4 +42,27 @@ cudaError_t lstm_cell_backward(DType dtype, const void* grad_hy, const void* gra
                                void* grad_gates, void* grad_cx, void* grad_bias, void* scratch,
                                int64_t B, int64_t H, cudaStream_t stream);
 
+// ------------------------------------------------------------------------------ lstm (persistent)
+// EXPERIMENTAL, never run on a GPU (see csrc/cuda/lstm_persistent.cu for what to validate first);
+// no binding uses it by default.
+//
+// Forward of one LSTM layer and direction over a whole unpacked sequence in one cooperative launch,
+// the recurrent weights kept on chip. No projection (w_hh is [4H, H]); float16, bfloat16 and
+// float32 only. pre [steps * B, 4H] holds x_t @ w_ih^T + b_ih + b_hh (row t * B + b, gates i, f, g,
+// o); h0, c0 [B, H]. Writes output [steps * B, H] (h of every step), h_n and c_n [B, H] (state
+// after the last processed step) and, when not null, gates [steps * B, 4H] (activated, as
+// lstm_cell_forward's workspace) and cells [steps * B, H] (c of every step). reverse runs the steps
+// last to first. No output may alias an input. Runs on the current device.
+
+// cudaSuccess when (dtype, B, H) fits the current device, cudaErrorNotSupported when it does not
+// (then use the per-step path), another error when a device query fails. Launches nothing.
+cudaError_t lstm_persistent_forward_supported(DType dtype, int64_t B, int64_t H);
+
+// Returns cudaErrorNotSupported, having launched nothing, exactly when
+// lstm_persistent_forward_supported does.
+cudaError_t lstm_persistent_forward(DType dtype, const void* pre, const void* w_hh, const void* h0,
+                                    const void* c0, void* output, void* h_n, void* c_n,
+                                    void* gates, void* cells, int64_t steps, int64_t B, int64_t H,
+                                    bool reverse, cudaStream_t stream);
+
 }  // namespace bigkernels::cuda
