@@ -14,7 +14,7 @@ import torch
 
 from bigkernels import _backend
 from bigkernels.bench import cases as registry
-from bigkernels.bench import cli, lstm_cell, memory, runner, timing
+from bigkernels.bench import cli, lstm, lstm_cell, memory, runner, timing
 from bigkernels.bench.cases import Case, Provider, Step
 from bigkernels.bench.progress import ProgressBar
 from bigkernels.bench.report import CSV_NAME, JSON_NAME, MARKDOWN_NAME, format_table
@@ -26,6 +26,11 @@ META = {"device_name": "test cpu", "torch_version": torch.__version__, "timestam
 
 def lstm_case(mode="fwd", dtype=torch.float32, B=2, I=3, H=4) -> Case:
     return Case("lstm_cell", {"B": B, "I": I, "H": H}, dtype, mode, "cpu")
+
+
+def layer_case(mode="fwd", dtype=torch.float32, T=3, B=2, I=5, H=4, **extra) -> Case:
+    """A case of the LSTM layer op (bigkernels.nn.LSTM); extra: L, D, P, ragged."""
+    return Case("lstm", {"T": T, "B": B, "I": I, "H": H, **extra}, dtype, mode, "cpu")
 
 
 # ------------------------------------------------------------------------------------ formulas
@@ -55,13 +60,14 @@ def test_quick_cpu_suite_is_a_subset_of_the_full_grid():
     quick = registry.select_cases(device="cpu")
     full = registry.select_cases(device="cpu", full=True)
     assert {c.id for c in quick} < {c.id for c in full}
-    assert len({c.id for c in full}) == len(full) == 5 * 3 * 2 * 2  # batch × hidden × dtype × mode
+    assert len({c.id for c in full}) == len(full)
+    assert len([c for c in full if c.op == "lstm_cell"]) == 5 * 3 * 2 * 2  # batch × hidden × dtype × mode
     assert {c.dtype for c in quick} == {torch.float32}
     assert {c.mode for c in quick} == set(registry.DEFAULT_MODES)
 
 
 def test_gpu_cases_are_defined_without_a_gpu():
-    full = registry.select_cases(device="cuda", full=True)
+    full = registry.select_cases(["lstm_cell"], device="cuda", full=True)
     assert {c.dtype for c in full} == {torch.bfloat16, torch.float16, torch.float32}
     assert {c.shape["B"] for c in full} == {1, 16, 64, 256, 1024}
     assert {c.shape["H"] for c in full} == {128, 512, 2048}
@@ -82,11 +88,186 @@ def test_inputs_are_seeded_per_case():
 
 
 def test_unknown_names_are_rejected():
-    with pytest.raises(ValueError, match="unknown op 'nope'; known ops: lstm_cell"):
+    with pytest.raises(ValueError, match="unknown op 'nope'; known ops: lstm_cell, lstm"):
         registry.get_op("nope")
     with pytest.raises(ValueError, match="unknown dtype"):
         registry.parse_dtype("fp8")
     assert registry.parse_dtype("bfloat16") is torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------ LSTM layer op
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # 2·N·4H·(I+H) with N = T·B = 6: 2·6·16·9
+        ({}, 1728),
+        # projection P=2: gates 2·6·16·(5+2) = 1344, plus the projection 2·N·P·H = 96
+        ({"P": 2}, 1440),
+        # 2 bidirectional layers: layer 0 1728 per direction, layer 1 reads D·H = 8: 2·6·16·12 = 2304
+        ({"L": 2, "D": 2}, 2 * (1728 + 2304)),
+        # all three: layer 0 1440 per direction; layer 1 reads D·P = 4: 2·6·16·6 + 96 = 1248
+        ({"L": 2, "D": 2, "P": 2}, 2 * (1440 + 1248)),
+    ],
+)
+def test_lstm_forward_flops_by_hand(extra, expected):
+    assert lstm.forward_flops(layer_case(**extra).shape) == expected
+
+
+@pytest.mark.parametrize("mode, factor", [("fwd", 1), ("bwd", 2), ("fwd+bwd", 3)])
+def test_lstm_flops_by_mode(mode, factor):
+    assert lstm.flops(layer_case(mode)) == 1728 * factor
+
+
+def test_lstm_ragged_batch_counts_the_steps_it_runs():
+    assert lstm.ragged_lengths(4, 3) == [4, 3, 1]  # T down to T//4
+    assert lstm.ragged_lengths(64, 1) == [64]
+    lengths = lstm.ragged_lengths(64, 16)
+    assert lengths[0] == 64 and lengths[-1] == 16 and lengths == sorted(lengths, reverse=True)
+    # N = 4 + 3 + 1 = 8 steps instead of T·B = 12: 2·8·16·9
+    assert lstm.forward_flops(layer_case(T=4, B=3, ragged=1).shape) == 2304
+
+
+@pytest.mark.parametrize(
+    "mode, dtype, extra, expected",
+    [
+        # forward elements: N(I+P) 6·9 = 54 + 2B(P+H) 4·8 = 32 + W = 4H(I+P) 144 + 8H 32 = 262
+        ("fwd", torch.float32, {}, 262 * 4),
+        # backward elements: 2N(I+P+H) 12·13 = 156 + 3B(P+H) 48 + 2W 288 + 8H 32 = 524
+        ("bwd", torch.float32, {}, 524 * 4),
+        ("fwd+bwd", torch.float32, {}, (262 + 524) * 4),
+        ("fwd+bwd", torch.bfloat16, {}, (262 + 524) * 2),
+        # P=2: N(I+P) 42 + 2B(P+H) 24 + W = 4H(I+P) 112 + P·H 8 + 8H 32 = 218
+        ("fwd", torch.float32, {"P": 2}, 218 * 4),
+        # 2 bidirectional layers: layer 0 as above (262) per direction; layer 1 reads I_l = D·H = 8:
+        # N(I_l+P) 72 + 2B(P+H) 32 + W = 4H(8+4) 192 + 8H 32 = 328
+        ("fwd", torch.float32, {"L": 2, "D": 2}, 2 * (262 + 328) * 4),
+    ],
+)
+def test_lstm_bytes_by_hand(mode, dtype, extra, expected):
+    assert lstm.bytes_moved(layer_case(mode, dtype, **extra)) == expected
+
+
+def test_lstm_grids():
+    quick = registry.select_cases(["lstm"], device="cpu")
+    full = registry.select_cases(["lstm"], device="cpu", full=True)
+    assert {c.id for c in quick} < {c.id for c in full} and len({c.id for c in full}) == len(full)
+    # quick: one layer, one direction, fp32, both modes, I = H
+    assert len(quick) == 2 * 3 * 3 * 2  # seq_len × batch × hidden × mode
+    assert {c.dtype for c in quick} == {torch.float32} and {c.mode for c in quick} == set(registry.DEFAULT_MODES)
+    assert all(set(c.shape) == {"T", "B", "I", "H"} and c.shape["I"] == c.shape["H"] for c in quick)
+    assert {c.shape["T"] for c in quick} == {16, 64} and {c.shape["H"] for c in quick} == {128, 256, 512}
+    # full: longer sequences, bf16, and each variant
+    assert {c.shape["T"] for c in full} == {16, 64, 256} and {c.dtype for c in full} == {torch.float32, torch.bfloat16}
+    for key, value in (("L", 2), ("D", 2), ("ragged", 1)):
+        assert any(c.shape.get(key) == value for c in full), key
+    assert {c.shape["P"] for c in full if "P" in c.shape} == {256 // 4, 512 // 4}
+    gpu = registry.select_cases(["lstm"], device="cuda", full=True)
+    assert {c.dtype for c in gpu} == {torch.bfloat16, torch.float16, torch.float32}
+    assert {c.shape["T"] for c in gpu} == {128, 512, 1024} and {c.shape["B"] for c in gpu} == {1, 16, 64, 256}
+    assert {c.shape["H"] for c in gpu} == {256, 1024, 2048}
+    assert {c.dtype for c in registry.select_cases(["lstm"], device="cuda")} == {torch.bfloat16}
+
+
+def test_lstm_shape_filter_knows_the_defaults():
+    # Quick shapes leave L, D, P, ragged out; --shape L=1 must still find them.
+    picked = registry.select_cases(["lstm"], ["fwd"], device="cpu", shape_filter={"T": 16, "B": 1, "H": 128, "L": 1})
+    assert [c.id for c in picked] == ["lstm/fwd/cpu/fp32/T=16,B=1,I=128,H=128"]
+    bidirectional = registry.select_cases(["lstm"], ["fwd"], [torch.float32], "cpu", True, {"D": 2})
+    assert {c.shape_str for c in bidirectional} == {
+        "T=64,B=16,I=256,H=256,D=2", "T=64,B=16,I=256,H=256,L=2,D=2",
+        "T=256,B=64,I=512,H=512,D=2", "T=256,B=64,I=512,H=512,L=2,D=2",
+    }
+
+
+def test_lstm_inputs():
+    case = layer_case("fwd+bwd", L=2, D=2, P=2)
+    a, b = lstm.make_inputs(case), lstm.make_inputs(case)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["x"].shape == (3, 2, 5) and a["h0"].shape == (4, 2, 2) and a["c0"].shape == (4, 2, 4)
+    assert a["grad_output"].shape == (3, 2, 4) and a["weight_hr_l1_reverse"].shape == (2, 4)
+    assert all(a[name].requires_grad for name in ("x", "h0", "c0"))
+    assert set(lstm.weight_names(case)) < set(a)
+
+    ragged = lstm.make_inputs(layer_case("fwd+bwd", T=4, B=3, ragged=1))
+    assert ragged["x"].shape == (8, 5) and ragged["grad_output"].shape == (8, 4)
+    assert ragged["batch_sizes"].tolist() == [3, 2, 2, 1] and ragged["batch_sizes"].device.type == "cpu"
+    assert sorted(ragged["sorted_indices"].tolist()) == [0, 1, 2]
+    ref = registry.float64_copy(ragged, "cpu")
+    assert ref["x"].dtype == torch.float64 and ref["x"].requires_grad
+    assert ref["batch_sizes"] is ragged["batch_sizes"]  # integer tensors pass through
+
+
+def test_lstm_providers_by_suite():
+    quick, skipped = lstm.providers(layer_case(), False)
+    assert [p.name for p in quick][-2:] == ["torch", "torch.compile"]
+    assert not any(p.name.endswith("+compile") for p in quick)
+    assert "--full only" in skipped["bigkernels[cpu]+compile"]
+    full, _ = lstm.providers(layer_case(), True)
+    names = [p.name for p in full]
+    assert "bigkernels[reference]" in names and "bigkernels[reference]+compile" not in names
+    assert ("bigkernels[cpu]+compile" in names) == CPU_KERNELS
+    ragged, skipped = lstm.providers(layer_case(ragged=1), True)
+    assert not any(p.name.endswith("+compile") for p in ragged)
+    if CPU_KERNELS:
+        assert "PackedSequence" in skipped["bigkernels[cpu]+compile"]
+
+
+LAYER_PROVIDERS = ["torch", "bigkernels[reference]"] + (["bigkernels[cpu]"] if CPU_KERNELS else [])
+
+
+@pytest.mark.parametrize(
+    "mode, extra",
+    [(mode, {}) for mode in registry.MODES]
+    + [("fwd+bwd", {"L": 2, "D": 2, "P": 2}), ("fwd+bwd", {"T": 6, "B": 4, "ragged": 1}),
+       ("fwd", {"T": 6, "B": 4, "L": 2, "D": 2, "ragged": 1})],
+)
+def test_lstm_error_column_is_small_for_correct_providers(mode, extra):
+    # bigkernels[reference] composes bigkernels.reference.lstm_layer, the float64 reference is the
+    # stock module: their agreement checks the reference, the packing and the weight loading.
+    rows, _ = runner.run_case(layer_case(mode, **extra), True, TINY, META, LAYER_PROVIDERS)
+    rows = {r.provider: r for r in rows}
+    assert set(rows) == set(LAYER_PROVIDERS)
+    for row in rows.values():
+        assert row.status == "ok", row.error
+        assert row.max_abs_err is not None and row.max_abs_err < 1e-4
+
+
+def test_lstm_provider_not_implemented_gets_an_error_row(monkeypatch):
+    # Until the C++ op lands the dispatcher raises NotImplementedError on the first call.
+    def build(case, inputs):
+        def call():
+            raise NotImplementedError("Could not run 'bigkernels::lstm' with arguments from the 'CPU' backend.")
+
+        return Step(call=call)
+
+    base = lstm.BENCH
+
+    def providers(case, full):
+        runnable, skipped = base.providers(case, full)
+        return [Provider("bigkernels[cpu]", build)] + [p for p in runnable if p.name == "torch"], skipped
+
+    rows = _run_one(layer_case("fwd+bwd"), op=dataclasses.replace(base, providers=providers), monkeypatch=monkeypatch)
+    assert rows["bigkernels[cpu]"].status == "error"
+    assert rows["bigkernels[cpu]"].error.startswith("NotImplementedError: Could not run 'bigkernels::lstm'")
+    assert rows["torch"].status == "ok" and rows["torch"].max_abs_err < 1e-5
+
+
+def test_failures_at_many_shapes_are_one_line():
+    def row(shape, provider, error=""):
+        return runner.Row(
+            case_id=f"x/fwd/cpu/fp32/{shape}", op="x", mode="fwd", device="cpu", dtype="fp32", shape=shape,
+            provider=provider, status="error" if error else "ok", error=error, median_ms=None if error else 1.0,
+            p20_ms=None, p80_ms=None, samples=None, timing_method="", flops=1, bytes=1, gflop_per_s=None,
+            gb_per_s=None, speedup_vs_torch=None, max_abs_err=None, peak_mem_mib=None, peak_mem_method="",
+        )
+
+    rows = [row(s, "torch") for s in ("B=1", "B=2", "B=3")]
+    rows += [row(s, "torch.compile", "Unsupported: LSTM") for s in ("B=1", "B=2", "B=3")]
+    rows += [row(s, "bad", "boom") for s in ("B=1", "B=3")] + [row("B=2", "odd", "once")]
+    table = format_table(runner.RunResult(rows=rows))
+    assert "FAILED torch.compile @ all 3 shapes: Unsupported: LSTM" in table
+    assert "FAILED bad @ 2 shapes (B=1 ... B=3): boom" in table
+    assert "FAILED odd @ B=2: once" in table
 
 
 # ------------------------------------------------------------------------------------ measuring

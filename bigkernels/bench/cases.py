@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -32,6 +32,7 @@ GEMM_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 # `bigkernels bench --list` does not pay for ops it does not show.
 OP_MODULES: dict[str, str] = {
     "lstm_cell": "bigkernels.bench.lstm_cell",
+    "lstm": "bigkernels.bench.lstm",
 }
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -129,6 +130,9 @@ class OpBench:
     reference: Callable[[Case, Inputs], Outputs]  # float64 outputs in the order providers return them
     providers: Callable[[Case, bool], tuple[list[Provider], dict[str, str]]]  # -> (runnable, {skipped: why})
     plot_x: str  # shape key on the x axis of the plots; the other keys pick the panel
+    # Values of shape keys that the grid leaves out of a shape when they are at their default (the
+    # LSTM's L=1, D=1 ...), so that --shape L=1 still selects those shapes.
+    shape_defaults: Mapping[str, int] = field(default_factory=dict)
 
 
 def op_names() -> tuple[str, ...]:
@@ -151,7 +155,8 @@ def select_cases(
 ) -> list[Case]:
     """The cases of `ops` (all when None): the op's grid × dtypes (the op's defaults when None) × modes.
 
-    `shape_filter` keeps the cases whose shape has all the given values (e.g. {"H": 512}).
+    `shape_filter` keeps the cases whose shape has all the given values (e.g. {"H": 512}); a key a
+    shape leaves out counts as its op's shape_defaults value.
     Ordered op, mode, dtype, shape so that reports group naturally.
     """
     cases = []
@@ -160,7 +165,9 @@ def select_cases(
         for mode in modes:
             for dtype in dtypes or op.dtypes(device, full):
                 for shape in op.shapes(device, full):
-                    if shape_filter and any(shape.get(k) != v for k, v in shape_filter.items()):
+                    if shape_filter and any(
+                        shape.get(k, op.shape_defaults.get(k)) != v for k, v in shape_filter.items()
+                    ):
                         continue
                     cases.append(Case(op_name, dict(shape), dtype, mode, device))
     return cases
@@ -208,9 +215,11 @@ def make_step(
 
 
 def float64_copy(inputs: Inputs, device: str | torch.device) -> Inputs:
-    """The same values in float64 (exact for every lower precision), with requires_grad kept."""
+    """The same values in float64 (exact for every lower precision), with requires_grad kept.
+    Integer tensors (a PackedSequence's batch_sizes and indices) are passed through unchanged."""
     return {
         name: t.detach().to(device=device, dtype=torch.float64).requires_grad_(t.requires_grad)
+        if t.is_floating_point() else t
         for name, t in inputs.items()
     }
 

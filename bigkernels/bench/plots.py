@@ -1,6 +1,6 @@
 """PNG plots of a run: one file per op / mode / device / dtype, one panel per fixed size of the
-other dimensions, throughput against the op's x-axis size (e.g. the LSTM cell's batch), one line
-per provider. matplotlib is optional (pip install bigkernels[bench]); without it, no plots and a note.
+other dimensions (at most MAX_COLUMNS to a row), throughput against the op's x-axis size (e.g. the
+LSTM cell's batch), one line per provider. matplotlib is optional (pip install bigkernels[bench]); without it, no plots and a note.
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from typing import Sequence
 from bigkernels.bench.cases import get_op
 from bigkernels.bench.report import group_rows
 from bigkernels.bench.runner import Row, provider_names
+
+
+MAX_COLUMNS = 4  # panels per row of a figure; more panels wrap onto further rows
 
 
 def matplotlib_missing() -> str | None:
@@ -54,8 +57,12 @@ def write_plots(rows: Sequence[Row], out_dir: Path) -> list[Path]:
         if not panels:
             continue
         unit = "TFLOP/s" if device == "cuda" else "GFLOP/s"
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-        for ax, (label, lines) in zip(axes[0], panels.items()):
+        cols = min(len(panels), MAX_COLUMNS)
+        rows_n = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.8 * rows_n), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (label, lines) in zip(axes.flat, panels.items()):
             for provider in providers:
                 if provider in lines:
                     xs, ys = zip(*sorted(lines[provider]))

@@ -1,4 +1,5 @@
-"""The standard contenders of an op that has a drop-in module: bigkernels[<backend>], torch, torch.compile.
+"""The standard contenders of an op that has a drop-in module: bigkernels[<backend>], torch, torch.compile,
+and optionally torch.compile of the bigkernels module (bigkernels[<backend>]+compile).
 
 An op file describes its module pair with a `ModulePair`; `module_providers` turns it into the
 providers of a case. Ops without a module (functional only) write their providers by hand with the
@@ -6,8 +7,9 @@ same Provider/Step types.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,10 +20,18 @@ from bigkernels.bench.cases import Case, Inputs, Outputs, Provider, Step, make_s
 
 TORCH = "torch"  # stock eager: the baseline every speedup is measured against
 TORCH_COMPILE = "torch.compile"
+# Compiling costs a second or more per case (Dynamo is reset for each), more than timing it.
+COMPILE_FULL_ONLY = "torch.compile of the bigkernels module: timed with --full only"
 
 
 def bigkernels_provider_name(backend: str) -> str:
     return f"bigkernels[{backend}]"
+
+
+def compiled_provider_name(backend: str) -> str:
+    """torch.compile of the bigkernels module on `backend`. Named bigkernels... so that its failure
+    fails the run (cli.py) and it counts as a bigkernels provider in the reports."""
+    return f"bigkernels[{backend}]+compile"
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class ModulePair:
     input_grads: names of the inputs whose gradients are checked, in the reference's order; the
         module's parameters (in .parameters() order) follow them.
     grad_outputs: names of the inputs holding the upstream gradient of each output.
+    compile_bigkernels: with --full, also race torch.compile(fullgraph=True) of the bigkernels
+        module, per compiled backend (not the reference backend, whose Python loops would be unrolled).
     """
 
     bigkernels_module: Callable[[Case, Inputs], torch.nn.Module]
@@ -41,6 +53,7 @@ class ModulePair:
     forward: Callable[[torch.nn.Module, Inputs], Outputs]
     input_grads: Sequence[str]
     grad_outputs: Sequence[str]
+    compile_bigkernels: bool = False
 
 
 def bigkernels_backends(op: str, device: str, full: bool) -> tuple[list[str], dict[str, str]]:
@@ -91,11 +104,40 @@ def _torch_eager(pair: ModulePair) -> Provider:
     return Provider(TORCH, build)
 
 
+_dynamo_reset_for: Optional[weakref.ref] = None
+
+
+def _fresh_dynamo_cache(inputs: Inputs) -> None:
+    """torch._dynamo.reset(), once per case (per set of inputs): a module's forward is one code
+    object, and after torch._dynamo.config.recompile_limit shapes Dynamo would silently fall back
+    to eager. Once, not per provider: a reset also drops the code an earlier provider of the same
+    case compiled, which would then compile again inside its timing warm-up."""
+    global _dynamo_reset_for
+    key = next(iter(inputs.values()))
+    if _dynamo_reset_for is None or _dynamo_reset_for() is not key:
+        torch._dynamo.reset()
+        _dynamo_reset_for = weakref.ref(key)
+
+
+def _bigkernels_compile(backend: str, pair: ModulePair) -> Provider:
+    def build(case: Case, inputs: Inputs) -> Step:
+        _fresh_dynamo_cache(inputs)
+        module = pair.bigkernels_module(case, inputs)
+        compiled = torch.compile(module, fullgraph=True, dynamic=False)  # as _torch_compile below
+
+        def call(inputs: Inputs) -> Outputs:
+            # The backend is chosen when Dynamo traces (on the first call, made inside this block).
+            with bigkernels.use_backend(backend):
+                return pair.forward(compiled, inputs)
+
+        return _step_for(case, inputs, pair, module, call)
+
+    return Provider(compiled_provider_name(backend), build)
+
+
 def _torch_compile(pair: ModulePair) -> Provider:
     def build(case: Case, inputs: Inputs) -> Step:
-        # A fresh Dynamo cache per case: the stock module's forward is one code object, and after
-        # torch._dynamo.config.recompile_limit shapes Dynamo would silently fall back to eager.
-        torch._dynamo.reset()
+        _fresh_dynamo_cache(inputs)
         module = pair.stock_module(case, inputs)
         # fullgraph: a graph break would time a half-compiled module; better an error in the row.
         # dynamic=False: specialise on this exact shape, as a deployed model would be.
@@ -107,7 +149,15 @@ def _torch_compile(pair: ModulePair) -> Provider:
 
 
 def module_providers(op: str, case: Case, full: bool, pair: ModulePair) -> tuple[list[Provider], dict[str, str]]:
-    """bigkernels[<each runnable backend>], torch, torch.compile; plus {skipped provider: reason}."""
+    """bigkernels[<each runnable backend>], [their +compile variants,] torch, torch.compile; plus
+    {skipped provider: reason}."""
     backends, skipped = bigkernels_backends(op, case.device, full)
-    providers = [_bigkernels(b, pair) for b in backends] + [_torch_eager(pair), _torch_compile(pair)]
+    providers = [_bigkernels(b, pair) for b in backends]
+    if pair.compile_bigkernels:
+        compiled = [b for b in backends if b != "reference"]
+        if full:
+            providers += [_bigkernels_compile(b, pair) for b in compiled]
+        else:
+            skipped.update({compiled_provider_name(b): COMPILE_FULL_ONLY for b in compiled})
+    providers += [_torch_eager(pair), _torch_compile(pair)]
     return providers, skipped

@@ -66,16 +66,25 @@ def _align(lines: list[list[str]]) -> list[str]:
     ]
 
 
+def _shapes_text(failed: list[str], total: int) -> str:
+    """The shapes a provider failed at with one message: named when one, else counted."""
+    if len(failed) == 1:
+        return failed[0]
+    return f"all {total} shapes" if len(failed) == total else f"{len(failed)} shapes ({failed[0]} ... {failed[-1]})"
+
+
 def format_table(result: RunResult) -> str:
     """Per op/mode/device/dtype: one line per shape, each provider's median ms and speedup vs torch
-    eager side by side, the fastest named; then the error of each provider and any failures."""
+    eager side by side, the fastest named; then the error of each provider and any failures (one
+    line per provider and message, however many shapes it failed at)."""
     out: list[str] = []
     providers = provider_names(result.rows)
     for (op, mode, device, dtype), shapes in group_rows(result.rows).items():
         present = [p for p in providers if any(p in by_p for by_p in shapes.values())]
         out.append(f"{op}  {mode}  {device}  {dtype}    median ms  (×: speedup vs torch eager, >1 is faster)")
         lines = [["shape", "GFLOP"] + present + ["fastest", "its throughput"]]
-        failures, worst_err = [], defaultdict(float)
+        failures: dict[tuple[str, str], list[str]] = defaultdict(list)  # (provider, error) -> shapes
+        worst_err: dict[str, float] = defaultdict(float)
         for shape, by_provider in shapes.items():
             any_row = next(iter(by_provider.values()))
             line = [shape, f"{any_row.flops / 1e9:.3g}"]
@@ -83,7 +92,7 @@ def format_table(result: RunResult) -> str:
                 row = by_provider.get(p)
                 line.append(f"{format_ms(row.median_ms)} {format_speedup(row.speedup_vs_torch)}".strip() if row else "-")
                 if row and row.status == "error":
-                    failures.append(f"{p} @ {shape}: {row.error}")
+                    failures[(p, row.error)].append(shape)
                 if row and row.max_abs_err is not None:
                     worst_err[p] = max(worst_err[p], row.max_abs_err)
             fastest = _fastest(by_provider)
@@ -92,7 +101,7 @@ def format_table(result: RunResult) -> str:
         out += ["  " + line for line in _align(lines)]
         if worst_err:
             out.append("  max abs err vs float64 reference: " + " · ".join(f"{p} {e:.2g}" for p, e in worst_err.items()))
-        out += [f"  FAILED {text}" for text in failures]
+        out += [f"  FAILED {p} @ {_shapes_text(failed, len(shapes))}: {error}" for (p, error), failed in failures.items()]
         out.append("")
     if result.skipped:
         out.append("not run: " + "; ".join(f"{p} ({why})" for p, why in sorted(result.skipped.items())))

@@ -1,10 +1,12 @@
 // bigkernels::lstm on the CPU: the device-independent recurrence of csrc/common/lstm_layer.h with
 // the CPU's fused pointwise passes (lstm_pointwise.cpp), run step by step from C++ (no Python per
-// time step).
+// time step); float32 calls where it measured faster take the fused recurrence of
+// lstm_recurrent.cpp instead (packed weights, GEMM + pointwise per step in one kernel).
 #include <torch/library.h>
 
 #include "../common/lstm_layer.h"
 #include "lstm_pointwise.h"
+#include "lstm_recurrent.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -34,6 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cpu(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace) {
   check_cpu(input);
+  if (lstm_recurrent_applies(input, c0, w_hr, /*backward=*/false)) {
+    return lstm_recurrent_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                                  need_workspace);
+  }
   return lstm_layer_forward<CpuPointwise>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                           reverse, need_workspace);
 }
@@ -47,6 +53,10 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& gates, const at::Tensor& cells,
                   std::array<bool, 3> output_mask) {
   check_cpu(input);
+  if (lstm_recurrent_applies(input, c0, w_hr, /*backward=*/true)) {
+    return lstm_recurrent_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
+                                   w_ih, w_hh, reverse, output, gates, cells, output_mask);
+  }
   return lstm_layer_backward<CpuPointwise>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
                                            c0, w_ih, w_hh, w_hr, reverse, output, gates, cells,
                                            output_mask);

@@ -1,0 +1,681 @@
+// The fused float32 CPU recurrence of bigkernels::lstm (declared in lstm_recurrent.h).
+//
+// Why: the generic path (csrc/common/lstm_layer.h) runs per step an MKL GEMM on a few rows, which
+// repacks w_hh every time, plus several ATen calls; at small batch that overhead is most of the
+// step. Here:
+//  - w_hh is packed once per call into panels laid out for the micro-kernel. Forward: for each
+//    panel of kUnits hidden units, K-major, the four gate rows (i, f, g, o) of those units side by
+//    side, so one register tile holds all four gates of kUnits units for up to kMaxRows batch rows,
+//    and the pointwise LSTM update runs on the tile right after the K loop (no [n, 4H] round trip).
+//    Backward: panels of w_hh^T (kUnits columns of w_hh, K = 4H), and the pointwise backward runs
+//    on dh_t's tile the same way.
+//  - One OpenMP parallel region for the whole sequence; each thread owns a contiguous range of
+//    panels (it packs them itself, so they start in its own cache) and the threads meet at one
+//    barrier per step (step t + 1 reads all of step t's h, or dG in the backward).
+//  - The micro-kernels use GCC vector types (one 512-bit vector of kUnits floats per gate), so the
+//    register tile is explicit; the epilogues are plain loops that GCC vectorises, with the same
+//    sigmoid/tanh (fast_math.h) as the generic pointwise pass. Built for several instruction sets
+//    like lstm_pointwise.cpp; lstm_recurrent_applies() enables it only where it was measured.
+// Packed and reversed sequences follow the schedule of lstm_layer.h (make_lstm_schedule,
+// previous_state's rule for rows a step carries over and rows it starts from h0/c0).
+#include "lstm_recurrent.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/lstm_layer.h"
+#include "fast_math.h"
+
+namespace bigkernels::cpu {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(__clang__)
+#define BK_REC_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define BK_REC_HAVE_AVX512_CHECK 1
+#else
+#define BK_REC_MULTIVERSION
+#endif
+
+// Hidden units per panel: one 512-bit vector of floats per gate.
+constexpr int kUnits = 16;
+// Batch rows per register tile. Forward: kMaxRows x 4 gate accumulators + 4 weight vectors fit
+// the 32 AVX-512 registers. Backward: kMaxRows x kBwdPanels accumulators + kBwdPanels weights.
+constexpr int kMaxRows = 6;
+constexpr int kBwdPanels = 4;
+// K steps per block when several row tiles share a panel: 128 x 256 bytes of packed weights
+// (32 KiB) stay in the 48 KiB L1 while every row tile passes over them.
+constexpr int64_t kKBlock = 128;
+// Where the fused kernels measured faster than the per-step GEMM path (2-core Sapphire Rapids,
+// T = 64, H = 128..1024, forward and forward+backward): every batch up to 64, and every batch
+// (up to 256 measured) at hidden 128. Beyond, oneDNN-class GEMM efficiency decides and MKL's
+// per-step GEMMs are as fast or slightly faster.
+// Except batch 1 with a w_hh too large for the L2s, where both paths stream w_hh every step and
+// packing it costs more than it saves (hidden 1024: fused 7% slower).
+constexpr int64_t kMaxFusedBatch = 64;
+constexpr int64_t kMaxHiddenAnyBatch = 128;
+constexpr int64_t kMaxWhhBytesAtBatch1 = 8 << 20;
+
+// 512-bit vectors in the baseline clone only warn about an ABI that never applies here: every
+// function passing them is inlined.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vec16 __attribute__((vector_size(kUnits * sizeof(float))));
+
+BK_ALWAYS_INLINE vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+BK_ALWAYS_INLINE void store16(float* p, const vec16& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Rows of a step's previous state: the first m from the previous processed step's buffer rows,
+// the rest from the initial state (see previous_state in lstm_layer.h).
+struct RowSource {
+  const float* carried;
+  int64_t m;
+  const float* init;
+  int64_t ld;
+  BK_ALWAYS_INLINE const float* row(int64_t b) const {
+    return b < m ? carried + b * ld : init + b * ld;
+  }
+};
+
+// ---------------------------------------------------------------------------------- forward
+struct ForwardStep {
+  const float* wp;   // packed w_hh: [panels][P][4][kUnits]
+  const float* pre;  // [n, 4H] this step's input projection with biases (may be `gates`: each
+                     // element is read before the activated gate overwrites it)
+  RowSource h_prev;  // [n, P]
+  RowSource c_prev;  // [n, H]
+  float* h_out;      // [n, H]
+  float* c_out;      // [n, H] (may alias c_prev's rows: each element is read before it is written)
+  float* gates;      // [n, 4H] activated gates, or null
+  float* part;       // this thread's partial sums, [n][4][kUnits] (used when n > kMaxRows)
+  int64_t n, H, P, p0, p1;
+};
+
+template <bool kWorkspace, bool kFull>
+BK_ALWAYS_INLINE void forward_epilogue(const float (&acc)[4][kUnits], const float* pre, int64_t H,
+                                       const float* cp, float* co, float* __restrict__ ho, float* gw,
+                                       int nu) {
+  const int count = kFull ? kUnits : nu;
+#pragma omp simd
+  for (int u = 0; u < count; ++u) {
+    const float i = sigmoid_fast(acc[0][u] + pre[u]);
+    const float f = sigmoid_fast(acc[1][u] + pre[H + u]);
+    const float g = tanh_fast(acc[2][u] + pre[2 * H + u]);
+    const float o = sigmoid_fast(acc[3][u] + pre[3 * H + u]);
+    const float c = f * cp[u] + i * g;
+    co[u] = c;
+    ho[u] = o * tanh_fast(c);
+    if constexpr (kWorkspace) {
+      gw[u] = i;
+      gw[H + u] = f;
+      gw[2 * H + u] = g;
+      gw[3 * H + u] = o;
+    }
+  }
+}
+
+// Rows b0 .. b0+R-1 of one panel: gates = h_prev @ w_hh^T over the panel's 4 x kUnits columns in
+// registers, then the pointwise update.
+// Over K range [k0, k1): starts from zero (first) or the partial sums in `part` ([R][4][kUnits]),
+// and ends with the pointwise update (last) or by storing the partial sums back.
+template <int R, bool kWorkspace>
+BK_ALWAYS_INLINE void forward_tile(const ForwardStep& s, int64_t panel, int64_t b0, int64_t k0,
+                                   int64_t k1, float* part, bool first, bool last) {
+  const float* hrow[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) hrow[r] = s.h_prev.row(b0 + r);
+  // One row alone would leave each gate's FMA chain latency-bound: split K in two there.
+  constexpr int S = R == 1 ? 2 : 1;
+  vec16 acc[S][R][4];
+#pragma GCC unroll 8
+  for (int q = 0; q < S * R; ++q) {
+    acc[q / R][q % R][0] = acc[q / R][q % R][1] = acc[q / R][q % R][2] = acc[q / R][q % R][3] = vec16{};
+  }
+  if (!first) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      for (int g = 0; g < 4; ++g) acc[0][r][g] = load16(part + (r * 4 + g) * kUnits);
+    }
+  }
+  const float* w = s.wp + panel * s.P * 4 * kUnits;
+  int64_t k = k0;
+  for (; k + S <= k1; k += S) {
+#pragma GCC unroll 2
+    for (int sp = 0; sp < S; ++sp) {
+      const float* wk = w + (k + sp) * 4 * kUnits;
+      const vec16 w0 = load16(wk), w1 = load16(wk + kUnits), w2 = load16(wk + 2 * kUnits),
+                  w3 = load16(wk + 3 * kUnits);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float a = hrow[r][k + sp];
+        acc[sp][r][0] += a * w0;
+        acc[sp][r][1] += a * w1;
+        acc[sp][r][2] += a * w2;
+        acc[sp][r][3] += a * w3;
+      }
+    }
+  }
+  if constexpr (S > 1) {
+    for (; k < k1; ++k) {
+      const float* wk = w + k * 4 * kUnits;
+      const float a = hrow[0][k];
+      acc[0][0][0] += a * load16(wk);
+      acc[0][0][1] += a * load16(wk + kUnits);
+      acc[0][0][2] += a * load16(wk + 2 * kUnits);
+      acc[0][0][3] += a * load16(wk + 3 * kUnits);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) acc[0][0][g] += acc[1][0][g];
+  }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      for (int g = 0; g < 4; ++g) store16(part + (r * 4 + g) * kUnits, acc[0][r][g]);
+    }
+    return;
+  }
+  const int64_t j0 = panel * kUnits;
+  const int nu = static_cast<int>(std::min<int64_t>(kUnits, s.H - j0));
+  const int64_t H = s.H;
+  alignas(64) float tile[R][4][kUnits];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < 4; ++g) store16(tile[r][g], acc[0][r][g]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    const float* pre = s.pre + b * 4 * H + j0;
+    const float* cp = s.c_prev.row(b) + j0;
+    float* co = s.c_out + b * H + j0;
+    float* ho = s.h_out + b * H + j0;
+    float* gw = kWorkspace ? s.gates + b * 4 * H + j0 : nullptr;
+    if (nu == kUnits) forward_epilogue<kWorkspace, true>(tile[r], pre, H, cp, co, ho, gw, nu);
+    else forward_epilogue<kWorkspace, false>(tile[r], pre, H, cp, co, ho, gw, nu);
+  }
+}
+
+template <bool kWorkspace>
+BK_ALWAYS_INLINE void forward_step_impl(const ForwardStep& s) {
+  // More rows than one tile: block K so that the panel's slice stays in L1 across row blocks.
+  const int64_t kc = s.n > kMaxRows ? kKBlock : s.P;
+  for (int64_t p = s.p0; p < s.p1; ++p) {
+    for (int64_t k0 = 0; k0 < s.P; k0 += kc) {
+      const int64_t k1 = std::min(s.P, k0 + kc);
+      const bool first = k0 == 0, last = k1 == s.P;
+      for (int64_t b = 0; b < s.n; b += kMaxRows) {
+        float* part = s.part + b * 4 * kUnits;
+        switch (std::min<int64_t>(kMaxRows, s.n - b)) {
+          case 6: forward_tile<6, kWorkspace>(s, p, b, k0, k1, part, first, last); break;
+          case 5: forward_tile<5, kWorkspace>(s, p, b, k0, k1, part, first, last); break;
+          case 4: forward_tile<4, kWorkspace>(s, p, b, k0, k1, part, first, last); break;
+          case 3: forward_tile<3, kWorkspace>(s, p, b, k0, k1, part, first, last); break;
+          case 2: forward_tile<2, kWorkspace>(s, p, b, k0, k1, part, first, last); break;
+          case 1: forward_tile<1, kWorkspace>(s, p, b, k0, k1, part, first, last); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
+BK_REC_MULTIVERSION void forward_step_f32(const ForwardStep& s) {
+  if (s.gates) forward_step_impl<true>(s);
+  else forward_step_impl<false>(s);
+}
+
+// wp[p][k][g][u] = w_hh[g*H + p*kUnits + u][k], zero for units past H. A transpose, done in
+// blocks of kUnits k's so that both the rows read and the block written stay in L1.
+void pack_forward_panels(const float* w, float* wp, int64_t H, int64_t P, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* dst = wp + p * P * 4 * kUnits;
+    for (int64_t k0 = 0; k0 < P; k0 += kUnits) {
+      const int64_t nk = std::min<int64_t>(kUnits, P - k0);
+      for (int g = 0; g < 4; ++g) {
+        for (int u = 0; u < kUnits; ++u) {
+          const int64_t j = p * kUnits + u;
+          float* d = dst + k0 * 4 * kUnits + g * kUnits + u;
+          if (j < H) {
+            const float* src = w + (g * H + j) * P + k0;
+            for (int64_t k = 0; k < nk; ++k) d[k * 4 * kUnits] = src[k];
+          } else {
+            for (int64_t k = 0; k < nk; ++k) d[k * 4 * kUnits] = 0.0f;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- backward
+struct BackwardStep {
+  const float* wt;       // packed w_hh^T: [panels][4H][kUnits]
+  const float* dg_next;  // [n_next, 4H] gate gradients of the step after this one (forward order)
+  int64_t n_next;
+  float* dh;             // [B, P] gradient w.r.t. the running h (rows < n_next rewritten here)
+  float* dc;             // [B, H] gradient w.r.t. the running c (updated in place)
+  const float* dout;     // [n, P] this step's output gradient
+  RowSource c_prev;      // [n, H]
+  const float* c_t;      // [n, H]
+  const float* ws;       // [n, 4H] activated gates
+  float* dg;             // [n, 4H] out
+  float* part;           // this thread's partial sums, [n_next][kBwdPanels][kUnits]
+  int64_t n, H, P, p0, p1;
+};
+
+// dh[b0 .. b0+R-1][panels q0 .. q0+NP-1] = dg_next rows @ w_hh over those columns, K range
+// [k0, k1): from zero (first) or the partial sums in `part` ([R][NP][kUnits]), ending by storing
+// into dh (last) or back into `part`.
+template <int R, int NP>
+BK_ALWAYS_INLINE void backward_gemm_tile(const BackwardStep& s, int64_t q0, int64_t b0, int64_t k0,
+                                         int64_t k1, float* part, bool first, bool last) {
+  const int64_t K = 4 * s.H;
+  const float* arow[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) arow[r] = s.dg_next + (b0 + r) * K;
+  constexpr int S = R == 1 ? 2 : 1;  // as in forward_tile
+  vec16 acc[S][R][NP];
+#pragma GCC unroll 8
+  for (int r = 0; r < S * R; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) acc[r / R][r % R][q] = vec16{};
+  }
+  if (!first) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) acc[0][r][q] = load16(part + (r * NP + q) * kUnits);
+    }
+  }
+  const float* w = s.wt + q0 * K * kUnits;
+  int64_t k = k0;
+  for (; k + S <= k1; k += S) {
+#pragma GCC unroll 2
+    for (int sp = 0; sp < S; ++sp) {
+      vec16 wv[NP];
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) wv[q] = load16(w + (q * K + k + sp) * kUnits);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float a = arow[r][k + sp];
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; ++q) acc[sp][r][q] += a * wv[q];
+      }
+    }
+  }
+  if constexpr (S > 1) {
+    for (; k < k1; ++k) {
+      const float a = arow[0][k];
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) acc[0][0][q] += a * load16(w + (q * K + k) * kUnits);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) acc[0][0][q] += acc[1][0][q];
+  }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) store16(part + (r * NP + q) * kUnits, acc[0][r][q]);
+    }
+    return;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* d = s.dh + (b0 + r) * s.P;
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      const int64_t j0 = (q0 + q) * kUnits;
+      if (j0 + kUnits <= s.P) {
+        store16(d + j0, acc[0][r][q]);
+      } else {
+        alignas(64) float tmp[kUnits];
+        store16(tmp, acc[0][r][q]);
+        for (int64_t u = 0; j0 + u < s.P; ++u) d[j0 + u] = tmp[u];
+      }
+    }
+  }
+}
+
+template <int NP>
+BK_ALWAYS_INLINE void backward_gemm_rows(const BackwardStep& s, int64_t q0, int64_t b0, int64_t rows,
+                                         int64_t k0, int64_t k1, float* part, bool first, bool last) {
+  switch (rows) {
+    case 6: backward_gemm_tile<6, NP>(s, q0, b0, k0, k1, part, first, last); break;
+    case 5: backward_gemm_tile<5, NP>(s, q0, b0, k0, k1, part, first, last); break;
+    case 4: backward_gemm_tile<4, NP>(s, q0, b0, k0, k1, part, first, last); break;
+    case 3: backward_gemm_tile<3, NP>(s, q0, b0, k0, k1, part, first, last); break;
+    case 2: backward_gemm_tile<2, NP>(s, q0, b0, k0, k1, part, first, last); break;
+    case 1: backward_gemm_tile<1, NP>(s, q0, b0, k0, k1, part, first, last); break;
+    default: break;
+  }
+}
+static_assert(kMaxRows == 6, "backward_gemm_rows covers 1..6 rows");
+
+// The pointwise backward of row b over hidden units [j0, j1): dh_t = dout + dh (the recurrence's
+// part, just computed) -> gate gradients and the c gradient (same maths as lstm_pointwise.cpp).
+BK_ALWAYS_INLINE void backward_epilogue(const BackwardStep& s, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = s.H;
+  const float* __restrict__ dout = s.dout + b * s.P;
+  const float* __restrict__ dhr = s.dh + b * s.P;
+  float* dc = s.dc + b * H;
+  const float* __restrict__ cx = s.c_prev.row(b);
+  const float* __restrict__ cy = s.c_t + b * H;
+  const float* __restrict__ ws = s.ws + b * 4 * H;
+  float* __restrict__ dg = s.dg + b * 4 * H;
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) {
+    const float i = ws[j], f = ws[H + j], g = ws[2 * H + j], o = ws[3 * H + j];
+    const float tc = tanh_fast(cy[j]);
+    const float dh = dout[j] + dhr[j];
+    const float dct = dc[j] + dh * o * (1.0f - tc * tc);
+    dg[j] = dct * g * i * (1.0f - i);
+    dg[H + j] = dct * cx[j] * f * (1.0f - f);
+    dg[2 * H + j] = dct * i * (1.0f - g * g);
+    dg[3 * H + j] = dh * tc * o * (1.0f - o);
+    dc[j] = dct * f;
+  }
+}
+
+template <int NP>
+BK_ALWAYS_INLINE void backward_group(const BackwardStep& s, int64_t q0) {
+  const int64_t K = 4 * s.H;
+  const int64_t j0 = q0 * kUnits, j1 = std::min(s.P, (q0 + NP) * kUnits);
+  if (s.n_next <= kMaxRows) {
+    // One row tile: the GEMM and the pointwise pass of its rows back to back, dh still in L1.
+    backward_gemm_rows<NP>(s, q0, 0, s.n_next, 0, K, nullptr, true, true);
+  } else {
+    // Several row tiles share the panels: block K so that their slice stays in L1.
+    for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+      const int64_t k1 = std::min(K, k0 + kKBlock);
+      for (int64_t b0 = 0; b0 < s.n_next; b0 += kMaxRows) {
+        backward_gemm_rows<NP>(s, q0, b0, std::min<int64_t>(kMaxRows, s.n_next - b0), k0, k1,
+                               s.part + b0 * NP * kUnits, k0 == 0, k1 == K);
+      }
+    }
+  }
+  for (int64_t b = 0; b < s.n; ++b) backward_epilogue(s, b, j0, j1);
+}
+
+BK_REC_MULTIVERSION void backward_step_f32(const BackwardStep& s) {
+  int64_t q = s.p0;
+  for (; q + kBwdPanels <= s.p1; q += kBwdPanels) backward_group<kBwdPanels>(s, q);
+  switch (s.p1 - q) {
+    case 3: backward_group<3>(s, q); break;
+    case 2: backward_group<2>(s, q); break;
+    case 1: backward_group<1>(s, q); break;
+    default: break;
+  }
+}
+static_assert(kBwdPanels == 4, "backward_step_f32 covers 1..4 panels");
+
+// wt[p][k][u] = w_hh[k][p*kUnits + u], zero for columns past P.
+void pack_backward_panels(const float* w, float* wt, int64_t H, int64_t P, int64_t p0, int64_t p1) {
+  const int64_t K = 4 * H;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t j0 = p * kUnits, nu = std::min<int64_t>(kUnits, P - j0);
+    float* dst = wt + p * K * kUnits;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* src = w + k * P + j0;
+      float* d = dst + k * kUnits;
+      for (int64_t u = 0; u < nu; ++u) d[u] = src[u];
+      for (int64_t u = nu; u < kUnits; ++u) d[u] = 0.0f;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- helpers
+bool cpu_has_avx512() {
+#if defined(BK_REC_HAVE_AVX512_CHECK)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Threads for a call: torch's intra-op count, at most one per panel. (One thread measured slower
+// than two even at batch 1, hidden 128: the per-step barrier costs less than half the GEMM.)
+int threads_for(int64_t panels) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)));
+}
+
+}  // namespace
+
+bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
+                            const std::optional<at::Tensor>& w_hr, bool backward) {
+  if (input.scalar_type() != at::kFloat || w_hr.has_value() || c0.dim() != 2) return false;
+  const int64_t batch = c0.size(0), hidden = c0.size(1);
+  if (hidden < 1 || batch < 1) return false;
+  // BIGKERNELS_LSTM_CPU_PATH=fused|generic forces a path (tests, benchmarks); read per call so
+  // that a process can switch.
+  if (const char* path = std::getenv("BIGKERNELS_LSTM_CPU_PATH")) {
+    if (std::strcmp(path, "fused") == 0) return true;
+    if (std::strcmp(path, "generic") == 0) return false;
+  }
+  if (!cpu_has_avx512()) return false;
+  (void)backward;  // the same sizes measured faster in both directions
+  const int64_t whh_bytes = 4 * hidden * hidden * static_cast<int64_t>(sizeof(float));
+  if (batch == 1 && whh_bytes > kMaxWhhBytesAtBatch1) return false;
+  return batch <= kMaxFusedBatch || hidden <= kMaxHiddenAnyBatch;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrent_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
+    bool need_workspace) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const LstmSizes s =
+      check_lstm_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "lstm_recurrent_forward: float32 only");
+  const LstmSchedule sched = make_lstm_schedule(input, batch_sizes, reverse, s);
+  const auto opts = input.options();
+  const int64_t H = s.hidden, P = s.proj;
+
+  const at::Tensor x2d = input.reshape({s.rows, s.input_size});
+  // With a workspace, the input projection goes straight into it (the epilogue overwrites each
+  // pre-activation with its activated gate): one [rows, 4H] buffer fewer to allocate and fault in.
+  at::Tensor gates = need_workspace ? at::empty({s.rows, 4 * H}, opts) : at::empty({0}, opts);
+  at::Tensor pre = need_workspace ? gates : at::empty({s.rows, 4 * H}, opts);
+  if (b_ih.has_value()) {
+    at::addmm_out(pre, *b_ih + *b_hh, x2d, w_ih.t());
+  } else {
+    at::mm_out(pre, x2d, w_ih.t());
+  }
+  at::Tensor output = at::empty({s.rows, P}, opts);
+  at::Tensor cells = need_workspace ? at::empty({s.rows, H}, opts) : at::empty({0}, opts);
+  const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
+  at::Tensor c_run = need_workspace ? at::Tensor() : c_init.clone();
+  const at::Tensor w = w_hh.contiguous();
+  const int64_t panels = (H + kUnits - 1) / kUnits;
+  at::Tensor wp = at::empty({panels * P * 4 * kUnits}, opts);
+
+  const float* pre_p = pre.const_data_ptr<float>();
+  const float* w_p = w.const_data_ptr<float>();
+  float* wp_p = wp.mutable_data_ptr<float>();
+  float* out_p = output.mutable_data_ptr<float>();
+  float* gates_p = need_workspace ? gates.mutable_data_ptr<float>() : nullptr;
+  float* cells_p = need_workspace ? cells.mutable_data_ptr<float>() : c_run.mutable_data_ptr<float>();
+  const float* h0_p = h_init.const_data_ptr<float>();
+  const float* c0_p = c_init.const_data_ptr<float>();
+  const int nt = threads_for(panels);
+  const int64_t part_size = s.batch > kMaxRows ? s.batch * 4 * kUnits : 0;
+  at::Tensor parts = at::empty({nt * part_size}, opts);
+  float* parts_p = parts.mutable_data_ptr<float>();
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
+    // Each thread packs (and so caches) the panels it multiplies; no other thread reads them.
+    pack_forward_panels(w_p, wp_p, H, P, p0, p1);
+    for (size_t k = 0; k < sched.order.size(); ++k) {
+      const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+      if (n == 0) continue;
+      ForwardStep st;
+      st.wp = wp_p;
+      st.pre = pre_p + off * 4 * H;
+      if (k == 0) {
+        st.h_prev = {h0_p, 0, h0_p, P};
+        st.c_prev = need_workspace ? RowSource{c0_p, 0, c0_p, H} : RowSource{cells_p, n, c0_p, H};
+      } else {
+        const int64_t tp = sched.order[k - 1];
+        const int64_t m = std::min(n, sched.sizes[tp]), offp = sched.offsets[tp];
+        st.h_prev = {out_p + offp * P, m, h0_p, P};
+        st.c_prev = need_workspace ? RowSource{cells_p + offp * H, m, c0_p, H}
+                                   : RowSource{cells_p, n, c0_p, H};
+      }
+      st.h_out = out_p + off * P;
+      st.c_out = need_workspace ? cells_p + off * H : cells_p;
+      st.gates = need_workspace ? gates_p + off * 4 * H : nullptr;
+      st.part = parts_p + tid * part_size;
+      st.n = n;
+      st.H = H;
+      st.P = P;
+      st.p0 = p0;
+      st.p1 = p1;
+      forward_step_f32(st);
+      // Step k + 1 reads every unit of this step's h.
+#pragma omp barrier
+    }
+  }
+
+  at::Tensor h = final_state(output, h_init, sched);
+  at::Tensor c = need_workspace ? final_state(cells, c_init, sched) : c_run;
+  if (!s.packed) output = output.view({input.size(0), s.batch, P});
+  return {output, h, c, gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                        const at::Tensor& grad_c_n, const at::Tensor& input,
+                        const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                        const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        bool reverse, const at::Tensor& output, const at::Tensor& gates,
+                        const at::Tensor& cells, std::array<bool, 3> output_mask) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const LstmSizes s = check_lstm_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt,
+                                      std::nullopt, std::nullopt);
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "lstm_recurrent_backward: float32 only");
+  const int64_t H = s.hidden, P = s.proj;
+  TORCH_CHECK(output.numel() == s.rows * P && grad_output.sizes() == output.sizes(),
+              "bigkernels::lstm_backward: output and grad_output must be the forward's output, ",
+              "got ", output.sizes(), " and ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),
+              "bigkernels::lstm_backward: grad_h_n/grad_c_n must be shaped like h0/c0");
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == s.rows && gates.size(1) == 4 * H &&
+                  cells.dim() == 2 && cells.size(0) == s.rows && cells.size(1) == H,
+              "bigkernels::lstm_backward: gates/cells must be the workspace saved by "
+              "lstm(need_workspace=True), got ", gates.sizes(), " and ", cells.sizes());
+  for (const auto* t : {&grad_output, &grad_h_n, &grad_c_n, &output, &gates, &cells}) {
+    check_same(*t, input, "grad/workspace tensors");
+  }
+  const LstmSchedule sched = make_lstm_schedule(input, batch_sizes, reverse, s);
+  const auto opts = input.options();
+
+  const at::Tensor dout = grad_output.reshape({s.rows, P}).contiguous();
+  const at::Tensor out2d = output.reshape({s.rows, P}).contiguous();
+  const at::Tensor ws = gates.contiguous(), cs = cells.contiguous();
+  const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
+  at::Tensor grad_gates = at::empty({s.rows, 4 * H}, opts);
+  at::Tensor dh = grad_h_n.contiguous().clone(), dc = grad_c_n.contiguous().clone();
+  const at::Tensor w = w_hh.contiguous();
+  const int64_t panels = (P + kUnits - 1) / kUnits;
+  at::Tensor wt = at::empty({panels * 4 * H * kUnits}, opts);
+
+  const float* w_p = w.const_data_ptr<float>();
+  float* wt_p = wt.mutable_data_ptr<float>();
+  const float* dout_p = dout.const_data_ptr<float>();
+  const float* ws_p = ws.const_data_ptr<float>();
+  const float* cs_p = cs.const_data_ptr<float>();
+  const float* c0_p = c_init.const_data_ptr<float>();
+  float* dg_p = grad_gates.mutable_data_ptr<float>();
+  float* dh_p = dh.mutable_data_ptr<float>();
+  float* dc_p = dc.mutable_data_ptr<float>();
+  const int nt = threads_for(panels);
+  const int64_t steps = static_cast<int64_t>(sched.order.size());
+  const int64_t part_size = s.batch > kMaxRows ? s.batch * kBwdPanels * kUnits : 0;
+  at::Tensor parts = at::empty({nt * part_size}, opts);
+  float* parts_p = parts.mutable_data_ptr<float>();
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
+    pack_backward_panels(w_p, wt_p, H, P, p0, p1);
+    // k = -1 runs only the GEMM of the first processed step's gate gradients (-> grad_h0).
+    for (int64_t k = steps - 1; k >= -1; --k) {
+      BackwardStep st;
+      st.wt = wt_p;
+      if (k + 1 < steps) {
+        const int64_t tn = sched.order[k + 1];
+        st.n_next = sched.sizes[tn];
+        st.dg_next = dg_p + sched.offsets[tn] * 4 * H;
+      } else {
+        st.n_next = 0;
+        st.dg_next = nullptr;
+      }
+      st.dh = dh_p;
+      st.dc = dc_p;
+      st.part = parts_p + tid * part_size;
+      st.H = H;
+      st.P = P;
+      st.p0 = p0;
+      st.p1 = p1;
+      if (k >= 0) {
+        const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+        st.n = n;
+        st.dout = dout_p + off * P;
+        if (k == 0) {
+          st.c_prev = {c0_p, 0, c0_p, H};
+        } else {
+          const int64_t tp = sched.order[k - 1];
+          st.c_prev = {cs_p + sched.offsets[tp] * H, std::min(n, sched.sizes[tp]), c0_p, H};
+        }
+        st.c_t = cs_p + off * H;
+        st.ws = ws_p + off * 4 * H;
+        st.dg = dg_p + off * 4 * H;
+      } else {
+        st.n = 0;
+        st.dout = nullptr;
+        st.c_prev = {nullptr, 0, nullptr, H};
+        st.c_t = nullptr;
+        st.ws = nullptr;
+        st.dg = nullptr;
+      }
+      if (st.n > 0 || st.n_next > 0) backward_step_f32(st);
+      // The next iteration's GEMM reads every unit of this step's gate gradients.
+      if (k >= 0) {
+#pragma omp barrier
+      }
+    }
+  }
+
+  auto empty = [&] { return at::empty({0}, opts); };
+  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
+  at::Tensor grad_w_ih = empty(), grad_w_hh = empty();
+  if (output_mask[1]) {
+    at::Tensor h_prev = at::empty({s.rows, P}, opts);
+    for (size_t k = 0; k < sched.order.size(); ++k) {
+      const int64_t t = sched.order[k], n = sched.sizes[t];
+      if (n > 0) {
+        h_prev.narrow(0, sched.offsets[t], n).copy_(previous_state(out2d, h_init, sched, k, n));
+      }
+    }
+    grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
+    grad_w_hh = at::mm(grad_gates.t(), h_prev);
+  }
+  at::Tensor grad_bias = output_mask[2] ? grad_gates.sum(0) : empty();
+  return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, empty()};
+}
+
+}  // namespace bigkernels::cpu

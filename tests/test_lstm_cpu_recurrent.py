@@ -1,0 +1,168 @@
+"""The fused float32 CPU recurrence of bigkernels::lstm (csrc/cpu/lstm_recurrent.cpp), forced on with
+BIGKERNELS_LSTM_CPU_PATH=fused whatever the size thresholds say: outputs, final states, workspace and
+every gradient against the float64 reference and stock torch.lstm in float32 (the DESIGN.md rule),
+over odd sizes, padded and packed, forward and reverse, with and without biases and the workspace.
+Its workspace is interchangeable with the generic path's, both ways."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bigkernels  # noqa: F401  (registers the ops)
+from bigkernels import reference
+from numerics import assert_matches
+
+ARGS = ("input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+HIDDEN = (1, 7, 65, 129)
+BATCH = (1, 3, 17)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("BIGKERNELS_LSTM_CPU_PATH", "fused")
+
+
+def make_case(seq, batch, input_size, hidden, packed, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * s
+
+    batch_sizes = None
+    if packed:
+        # Ragged lengths, longest first (PackedSequence order), the longest running every step.
+        lengths = sorted(torch.randint(1, seq + 1, (batch,), generator=g).tolist(), reverse=True)
+        lengths[0] = seq
+        batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(seq)], dtype=torch.int64)
+    scale = hidden**-0.5
+    case = dict(
+        input=rnd(int(batch_sizes.sum()), input_size) if packed else rnd(seq, batch, input_size),
+        h0=rnd(batch, hidden),
+        c0=rnd(batch, hidden, s=2.0),
+        w_ih=rnd(4 * hidden, input_size, s=2 * scale),
+        w_hh=rnd(4 * hidden, hidden, s=2 * scale),
+        b_ih=rnd(4 * hidden, s=scale) if bias else None,
+        b_hh=rnd(4 * hidden, s=scale) if bias else None,
+    )
+    return case, batch_sizes
+
+
+def stock_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    """The layer through stock torch.lstm; the reverse direction alone is the second half of a
+    bidirectional call whose forward half runs on detached copies."""
+    params = [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None]
+    h, c = h0.unsqueeze(0), c0.unsqueeze(0)
+    if reverse:
+        params = [t.detach() for t in params] + params
+        h, c = torch.cat([h.detach(), h]), torch.cat([c.detach(), c])
+    has_bias = b_ih is not None
+    if batch_sizes is None:
+        out, h_n, c_n = torch.lstm(input, [h, c], params, has_bias, 1, 0.0, False, reverse, False)
+    else:
+        out, h_n, c_n = torch.lstm(input, batch_sizes, [h, c], params, has_bias, 1, 0.0, False, reverse)
+    if reverse:
+        return out[..., h0.shape[-1]:], h_n[1], c_n[1]
+    return out, h_n[0], c_n[0]
+
+
+def reference_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    return reference.lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse)
+
+
+def our_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    return bigkernels.nn.functional.lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse)
+
+
+def run(fn, case, batch_sizes, reverse, dtype, upstream=None):
+    """Outputs (and, given upstream gradients, the gradient of every tensor argument)."""
+    args = {k: (v.to(dtype).requires_grad_(upstream is not None) if v is not None else None) for k, v in case.items()}
+    with torch.set_grad_enabled(upstream is not None):
+        outs = fn(args["input"], batch_sizes, args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                  args["b_ih"], args["b_hh"], reverse)
+    if upstream is None:
+        return outs, {}
+    names = [k for k in ARGS if args[k] is not None]
+    grads = torch.autograd.grad(outs, [args[k] for k in names], [u.to(dtype) for u in upstream])
+    return outs, dict(zip(names, grads))
+
+
+CASES = [
+    pytest.param(seq, batch, hidden, packed, id=f"T{seq}xB{batch}xH{hidden}" + ("-packed" if packed else ""))
+    for seq in (1, 5)
+    for batch in BATCH
+    for hidden in HIDDEN
+    for packed in (False, True)
+    if not (packed and seq == 1)
+]
+
+
+@pytest.mark.parametrize("seq, batch, hidden, packed", CASES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_fused_matches_reference_and_stock(seq, batch, hidden, packed, reverse, grad, fused, poison_empty):
+    bias = (HIDDEN.index(hidden) + BATCH.index(batch)) % 2 == 0  # with and without biases, over the grid
+    case, batch_sizes = make_case(seq, batch, 5, hidden, packed, bias, seed=seq * 1000 + batch * 10 + hidden)
+    outs64, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
+    upstream = None
+    if grad:
+        g = torch.Generator().manual_seed(7)
+        upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs64]
+    ref, ref_grads = run(reference_layer, case, batch_sizes, reverse, torch.float64, upstream)
+    ours, our_grads = run(our_layer, case, batch_sizes, reverse, torch.float32, upstream)
+    stock, stock_grads = run(stock_layer, case, batch_sizes, reverse, torch.float32, upstream)
+    for name, o, s, r in zip(("output", "h_n", "c_n"), ours, stock, ref):
+        assert_matches(name, o, s, r)
+    for name, r in ref_grads.items():
+        assert_matches(f"grad {name}", our_grads[name], stock_grads[name], r)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_workspace_interchangeable_with_generic_path(packed, reverse, monkeypatch, poison_empty):
+    """Each path's workspace (activated gates, cells) feeds the other path's backward."""
+    case, batch_sizes = make_case(5, 17, 5, 65, packed, True, seed=3)
+    args = [case[k].float() if case[k] is not None else None for k in ARGS]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+    g = torch.Generator().manual_seed(11)
+    results = {}
+    for fwd_path in ("fused", "generic"):
+        monkeypatch.setenv("BIGKERNELS_LSTM_CPU_PATH", fwd_path)
+        out, h_n, c_n, gates, cells = torch.ops.bigkernels.lstm(
+            x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse, True)
+        upstream = [torch.randn(t.shape, generator=g) for t in (out, h_n, c_n)] if not results else results["up"]
+        results["up"] = upstream
+        for bwd_path in ("fused", "generic"):
+            monkeypatch.setenv("BIGKERNELS_LSTM_CPU_PATH", bwd_path)
+            grads = torch.ops.bigkernels.lstm_backward(
+                *upstream, x, batch_sizes, h0, c0, w_ih, w_hh, None, reverse, out, gates, cells, [True, True, True])
+            results[fwd_path, bwd_path] = (out, h_n, c_n, gates, cells) + tuple(grads[:6])
+    base = results["generic", "generic"]
+    for key in (("fused", "fused"), ("fused", "generic"), ("generic", "fused")):
+        for a, b in zip(results[key], base):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_no_workspace_forward_matches(fused, poison_empty):
+    """Inference (need_workspace=False) carries c in place: same outputs as with the workspace."""
+    case, batch_sizes = make_case(5, 17, 5, 129, True, True, seed=5)
+    args = [case[k].float() if case[k] is not None else None for k in ARGS]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+    for reverse in (False, True):
+        with_ws = torch.ops.bigkernels.lstm(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse, True)
+        without = torch.ops.bigkernels.lstm(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse, False)
+        for a, b in zip(without[:3], with_ws[:3]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert without[3].numel() == 0 and without[4].numel() == 0
+
+
+def test_projection_falls_back_to_generic_path(fused):
+    """proj_size is not fused: with the path forced it still runs (the generic path) and is right."""
+    g = torch.Generator().manual_seed(0)
+    T, B, I, H, P = 4, 3, 5, 9, 4
+    x, h0, c0 = torch.randn(T, B, I, generator=g), torch.randn(B, P, generator=g), torch.randn(B, H, generator=g)
+    w_ih, w_hh, w_hr = torch.randn(4 * H, I, generator=g), torch.randn(4 * H, P, generator=g), torch.randn(P, H, generator=g)
+    out, h_n, c_n, _, _ = torch.ops.bigkernels.lstm(x, None, h0, c0, w_ih, w_hh, None, None, w_hr, False, False)
+    ref = reference.lstm_layer(x.double(), None, h0.double(), c0.double(), w_ih.double(), w_hh.double(),
+                               None, None, w_hr.double(), False)
+    for a, r in zip((out, h_n, c_n), ref):
+        torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
