@@ -18,7 +18,7 @@ GRU, or LSTM"), so with fullgraph=True the torch.compile row records that error.
 it would silently run the eager module; with torch._dynamo.config.allow_rnn, Inductor unrolls the
 recurrence, which took 15 s (fwd) and 75 s (fwd+bwd) to compile at T=16, H=128 on the 2-core CPU,
 so it is not raced. bigkernels.nn.LSTM compiles with fullgraph=True: bigkernels[<backend>]+compile,
-with --full (providers.py), on the cases that are not ragged (see providers() below).
+on the cases that are not ragged (see providers() below).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ OP = "lstm"
 
 SHAPE_DEFAULTS = {"L": 1, "D": 1, "P": 0, "ragged": 0}
 
-# CPU grid. Quick: one layer, one direction, fp32, T x B x H below (36 cases, ~35 s on an idle
+# CPU grid. Quick: one layer, one direction, fp32, T x B x H below (36 cases, ~55 s on an idle
 # 2-core CPU, so that `bigkernels bench --quick` of every op stays under 3 minutes there). Full:
 # longer sequences too, the variants below, bf16.
 CPU_SEQ_LENS = (16, 64)

@@ -20,8 +20,6 @@ from bigkernels.bench.cases import Case, Inputs, Outputs, Provider, Step, make_s
 
 TORCH = "torch"  # stock eager: the baseline every speedup is measured against
 TORCH_COMPILE = "torch.compile"
-# Compiling costs a second or more per case (Dynamo is reset for each), more than timing it.
-COMPILE_FULL_ONLY = "torch.compile of the bigkernels module: timed with --full only"
 
 
 def bigkernels_provider_name(backend: str) -> str:
@@ -44,8 +42,8 @@ class ModulePair:
     input_grads: names of the inputs whose gradients are checked, in the reference's order; the
         module's parameters (in .parameters() order) follow them.
     grad_outputs: names of the inputs holding the upstream gradient of each output.
-    compile_bigkernels: with --full, also race torch.compile(fullgraph=True) of the bigkernels
-        module, per compiled backend (not the reference backend, whose Python loops would be unrolled).
+    compile_bigkernels: also race torch.compile(fullgraph=True) of the bigkernels module, per
+        compiled backend (not the reference backend, whose Python loops would be unrolled).
     """
 
     bigkernels_module: Callable[[Case, Inputs], torch.nn.Module]
@@ -154,10 +152,6 @@ def module_providers(op: str, case: Case, full: bool, pair: ModulePair) -> tuple
     backends, skipped = bigkernels_backends(op, case.device, full)
     providers = [_bigkernels(b, pair) for b in backends]
     if pair.compile_bigkernels:
-        compiled = [b for b in backends if b != "reference"]
-        if full:
-            providers += [_bigkernels_compile(b, pair) for b in compiled]
-        else:
-            skipped.update({compiled_provider_name(b): COMPILE_FULL_ONLY for b in compiled})
+        providers += [_bigkernels_compile(b, pair) for b in backends if b != "reference"]
     providers += [_torch_eager(pair), _torch_compile(pair)]
     return providers, skipped
