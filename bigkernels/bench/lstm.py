@@ -37,7 +37,7 @@ OP = "lstm"
 
 SHAPE_DEFAULTS = {"L": 1, "D": 1, "P": 0, "ragged": 0}
 
-# CPU grid. Quick: one layer, one direction, fp32, T x B x H below (36 cases, ~55 s on an idle
+# CPU grid. Quick: one layer, one direction, fp32, T x B x H below (36 cases, ~45 s on an idle
 # 2-core CPU, so that `bigkernels bench --quick` of every op stays under 3 minutes there). Full:
 # longer sequences too, the variants below, bf16.
 CPU_SEQ_LENS = (16, 64)
