@@ -112,6 +112,27 @@ inline LstmSizes check_lstm_args(const at::Tensor& input, const std::optional<at
   return {batch, input_size, hidden, proj, rows, packed};
 }
 
+// The backward's own arguments: the forward's output, the incoming gradients and the workspace.
+inline void check_lstm_backward_args(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                     const at::Tensor& grad_c_n, const at::Tensor& input,
+                                     const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& output, const at::Tensor& gates,
+                                     const at::Tensor& cells, const LstmSizes& s) {
+  const int64_t H = s.hidden, P = s.proj;
+  TORCH_CHECK(output.numel() == s.rows * P && grad_output.sizes() == output.sizes(),
+              "bigkernels::lstm_backward: output and grad_output must be the forward's output, ",
+              "got ", output.sizes(), " and ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),
+              "bigkernels::lstm_backward: grad_h_n/grad_c_n must be shaped like h0/c0");
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == s.rows && gates.size(1) == 4 * H &&
+                  cells.dim() == 2 && cells.size(0) == s.rows && cells.size(1) == H,
+              "bigkernels::lstm_backward: gates/cells must be the workspace saved by "
+              "lstm(need_workspace=True), got ", gates.sizes(), " and ", cells.sizes());
+  for (const auto* t : {&grad_output, &grad_h_n, &grad_c_n, &output, &gates, &cells}) {
+    check_same(*t, input, "grad/workspace tensors");
+  }
+}
+
 inline LstmSchedule make_lstm_schedule(const at::Tensor& input,
                                        const std::optional<at::Tensor>& batch_sizes, bool reverse,
                                        const LstmSizes& s) {
@@ -220,18 +241,7 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const LstmSizes s = check_lstm_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt,
                                       std::nullopt, w_hr);
   const int64_t H = s.hidden, P = s.proj;
-  TORCH_CHECK(output.numel() == s.rows * P && grad_output.sizes() == output.sizes(),
-              "bigkernels::lstm_backward: output and grad_output must be the forward's output, ",
-              "got ", output.sizes(), " and ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),
-              "bigkernels::lstm_backward: grad_h_n/grad_c_n must be shaped like h0/c0");
-  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == s.rows && gates.size(1) == 4 * H &&
-                  cells.dim() == 2 && cells.size(0) == s.rows && cells.size(1) == H,
-              "bigkernels::lstm_backward: gates/cells must be the workspace saved by "
-              "lstm(need_workspace=True), got ", gates.sizes(), " and ", cells.sizes());
-  for (const auto* t : {&grad_output, &grad_h_n, &grad_c_n, &output, &gates, &cells}) {
-    check_same(*t, input, "grad/workspace tensors");
-  }
+  check_lstm_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, output, gates, cells, s);
   const LstmSchedule sched = make_lstm_schedule(input, batch_sizes, reverse, s);
   const auto opts = input.options();
   const bool proj = w_hr.has_value();

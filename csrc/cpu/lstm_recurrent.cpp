@@ -567,18 +567,7 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
                                       std::nullopt, std::nullopt);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "lstm_recurrent_backward: float32 only");
   const int64_t H = s.hidden, P = s.proj;
-  TORCH_CHECK(output.numel() == s.rows * P && grad_output.sizes() == output.sizes(),
-              "bigkernels::lstm_backward: output and grad_output must be the forward's output, ",
-              "got ", output.sizes(), " and ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),
-              "bigkernels::lstm_backward: grad_h_n/grad_c_n must be shaped like h0/c0");
-  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == s.rows && gates.size(1) == 4 * H &&
-                  cells.dim() == 2 && cells.size(0) == s.rows && cells.size(1) == H,
-              "bigkernels::lstm_backward: gates/cells must be the workspace saved by "
-              "lstm(need_workspace=True), got ", gates.sizes(), " and ", cells.sizes());
-  for (const auto* t : {&grad_output, &grad_h_n, &grad_c_n, &output, &gates, &cells}) {
-    check_same(*t, input, "grad/workspace tensors");
-  }
+  check_lstm_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, output, gates, cells, s);
   const LstmSchedule sched = make_lstm_schedule(input, batch_sizes, reverse, s);
   const auto opts = input.options();
 
