@@ -75,3 +75,110 @@ def lstm_layer(
     else:
         output = torch.cat(outputs) if outputs else input.new_empty((0, h0.shape[1]))
     return output, h, c
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    window: tuple[int, int] = (-1, -1),
+    dropout_keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scaled-dot-product attention with the score matrix materialised: the maths the flash kernels
+    compute without it. Returns (output, lse).
+
+    Padded: query (B, Hq, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev) -> output (B, Hq, L, Ev),
+    lse (B, Hq, L). Grouped-query: Hq is a multiple of Hk; query head h reads key/value head
+    h // (Hq // Hk). attn_mask: additive float, broadcastable to (B, Hq, L, S) (a boolean mask must be
+    turned into 0 / -inf by the caller). window = (left, right): query i sees keys j with
+    i - left <= j <= i + right, -1 meaning unbounded; torch's is_causal is (-1, 0) (top-left aligned).
+    dropout_keep: boolean (B, Hq, L, S), the probabilities kept are scaled by 1 / (1 - dropout_p);
+    lse is that of the scores before dropout. A row with no visible key gives output 0 and lse -inf.
+    Varlen (cu_seqlens_q/k given, int tensors of length N + 1): B == 1 and sequence n is rows
+    cu_seqlens_q[n]:cu_seqlens_q[n+1] of query against rows cu_seqlens_k[n]:cu_seqlens_k[n+1] of
+    key/value; windows are relative to each sequence's start.
+    """
+    if cu_seqlens_q is not None:
+        assert cu_seqlens_k is not None and attn_mask is None and dropout_keep is None and query.shape[0] == 1
+        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outputs, lses = [], []
+        for n in range(len(starts_q) - 1):
+            q = query[:, :, starts_q[n] : starts_q[n + 1]]
+            k = key[:, :, starts_k[n] : starts_k[n + 1]]
+            v = value[:, :, starts_k[n] : starts_k[n + 1]]
+            o, lse = attention(q, k, v, scale=scale, window=window)
+            outputs.append(o)
+            lses.append(lse)
+        return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
+
+    heads_q, heads_k = query.shape[1], key.shape[1]
+    if heads_q != heads_k:
+        key = key.repeat_interleave(heads_q // heads_k, dim=1)
+        value = value.repeat_interleave(heads_q // heads_k, dim=1)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    length_q, length_k = scores.shape[-2], scores.shape[-1]
+    left, right = window
+    if left >= 0 or right >= 0:
+        i = torch.arange(length_q, device=scores.device).unsqueeze(1)
+        j = torch.arange(length_k, device=scores.device).unsqueeze(0)
+        visible = torch.ones(length_q, length_k, dtype=torch.bool, device=scores.device)
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - (-inf)) would be NaN on rows with no visible key: give them probability 0.
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1))
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    return probs @ value, lse
+
+
+def activation(z: Tensor, name: str | None, negative_slope: float = 0.01) -> Tensor:
+    """The activations the conv kernels fuse (csrc/common/activation.h), by name."""
+    if name is None or name == "none":
+        return z
+    if name == "relu":
+        return torch.relu(z)
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    if name == "gelu":
+        return torch.nn.functional.gelu(z)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if name == "silu":
+        return torch.nn.functional.silu(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"activation must be one of None, 'relu', 'gelu', 'gelu_tanh', 'silu', 'sigmoid', 'leaky_relu', got {name!r}")
+
+
+def conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    activation_name: str | None = None,
+    negative_slope: float = 0.01,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """act(conv2d(input, weight) + bias + residual): the fused conv's maths. input (N, C, H, W),
+    weight (K, C / groups, R, S), residual (N, K, P, Q) like the output."""
+    z = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        z = z + residual
+    return activation(z, activation_name, negative_slope)
