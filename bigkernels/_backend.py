@@ -29,6 +29,8 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
     "lstm": ("cuda", "triton"),
+    # ---- attention ----
+    "attention": ("triton",),
 }
 
 

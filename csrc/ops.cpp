@@ -44,6 +44,27 @@ TORCH_LIBRARY(bigkernels, m) {
       "bool reverse, Tensor output, Tensor gates, Tensor cells, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+
+  // ---- attention (flash attention; bigkernels/ops/attention.py, csrc/cpu/attention.cpp) ----
+  // query (B, Hq, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev), any strides; Hq % Hk == 0
+  // (query head h reads kv head h / (Hq / Hk)). attn_mask: additive, (B, Hq, L, S), any strides.
+  // Query i sees key j iff (window_left < 0 or j >= i - window_left) and (window_right < 0 or
+  // j <= i + window_right). Varlen: cu_seqlens_q/k (N + 1,) int32 with B == 1, sequence n is rows
+  // cu[n]:cu[n+1]; max_seqlen_* size GPU grids. Dropout: dropout_seed = int64 (2,) [seed, offset].
+  // Returns output (B, Hq, L, Ev) stored as (B, L, Hq, Ev), lse (B, Hq, L) float32 (-inf: no key).
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, "
+      "int window_right, float dropout_p, Tensor? dropout_seed) -> (Tensor output, Tensor lse)");
+  // Backward of attention. grad_attn_mask is (B, Hq, L, S) when need_grad_mask, else shape (0,).
+  m.def(
+      "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
+      "Tensor output, Tensor lse, Tensor? attn_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
+      "float dropout_p, Tensor? dropout_seed, bool need_grad_mask) -> (Tensor grad_query, "
+      "Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+  // The CPU kernels' dropout keep mask (B, H, L, S) bool for a seed: what tests compare against.
+  m.def("attention_dropout_mask(Tensor seed, int B, int H, int L, int S, float p) -> Tensor");
 }
 
 // `import bigkernels._C` loads this library, which runs the registrations above. No Python API

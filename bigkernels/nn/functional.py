@@ -3,3 +3,8 @@ from bigkernels.ops.lstm import lstm_layer
 from bigkernels.ops.lstm_cell import lstm_cell
 
 __all__ = ["lstm_cell", "lstm_layer"]
+
+# ---- attention ----
+from bigkernels.ops.attention import scaled_dot_product_attention  # noqa: E402
+
+__all__ += ["scaled_dot_product_attention"]

@@ -6,4 +6,8 @@ bigkernels.nn.functional.
 """
 from bigkernels.ops import lstm, lstm_cell  # noqa: F401  (registers the ops' fake/autograd kernels)
 
+# ---- attention ----
+from bigkernels.ops import attention  # noqa: F401,E402
+
 __all__ = ["lstm", "lstm_cell"]
+__all__ += ["attention"]  # attention
