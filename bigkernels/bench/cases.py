@@ -33,6 +33,8 @@ GEMM_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 OP_MODULES: dict[str, str] = {
     "lstm_cell": "bigkernels.bench.lstm_cell",
     "lstm": "bigkernels.bench.lstm",
+    # ---- attention ----
+    "attention": "bigkernels.bench.attention",
 }
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
