@@ -4,8 +4,8 @@
 // tiled for caches: the L x S score matrix never exists, only one query-block x key-block tile per
 // thread, so the extra memory is O(L + S) per head.
 //
-// Forward: one task per (sequence, query head, query block), tasks spread over threads with
-//   at::parallel_for. Per task: for each visible key block, S = scale Q K^T (BLAS), add the mask,
+// Forward: one task per (sequence, query head, query block), tasks shared out dynamically over
+//   at::parallel_for's threads. Per task: for each visible key block, S = scale Q K^T (BLAS), add the mask,
 //   apply the window, online softmax (running row max m and sum l, the output accumulator rescaled
 //   by exp(m_old - m_new)), O += P V (BLAS). At the end O /= l and lse = m + log(l).
 // Backward: one task per (sequence, KEY/VALUE head): it owns the dK/dV rows of that head and the
@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -148,10 +149,26 @@ void mask_row(const Inputs<scalar_t>& in, acc_t* s, int64_t nk, int64_t b, int64
   }
 }
 
+// ------------------------------------------------------------------------------ work sharing
+// The kernels run at::parallel_for over one index per worker thread, and each worker takes the
+// next task from a shared atomic counter until none is left (dynamic scheduling). A static split
+// of the tasks would leave one thread idle when tasks differ in cost (causal or windowed rows,
+// varlen sequences) or when another process slows one core down. Each task writes its own outputs
+// only, so which thread runs it changes nothing in the result.
+int64_t task_workers(int64_t tasks) { return std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads())); }
+
 // ------------------------------------------------------------------------------------ forward
 struct ForwardTask {
   int64_t problem, head, q0;
 };
+
+// Keys a forward task visits (its cost, up to a constant).
+template <typename scalar_t>
+int64_t key_count(const Inputs<scalar_t>& in, const ForwardTask& t) {
+  const Problem& pr = in.problems[t.problem];
+  const int64_t nq = std::min(kFwdBlockQ, pr.q_len - t.q0);
+  return std::max<int64_t>(0, in.window.key_end(t.q0 + nq, pr.k_len) - in.window.key_begin(t.q0));
+}
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, float* lse) {
@@ -167,11 +184,18 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
   const acc_t keep_scale = static_cast<acc_t>(in.keep_scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  // Longest first (windows make tasks unequal), then handed out dynamically: see task_workers.
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const ForwardTask& a, const ForwardTask& b) {
+    return key_count(in, a) > key_count(in, b);
+  });
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next_task{0};
+
+  at::parallel_for(0, task_workers(count), 1, [&](int64_t, int64_t) {
     std::vector<acc_t> q_buf(kFwdBlockQ * n.E), k_buf(kFwdBlockK * n.E), v_buf(kFwdBlockK * n.Ev);
     std::vector<acc_t> scores(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * n.Ev);
     std::vector<acc_t> row_max_(kFwdBlockQ), row_sum(kFwdBlockQ);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = next_task++; t < count; t = next_task++) {
       const ForwardTask task = tasks[t];
       const Problem& pr = in.problems[task.problem];
       const int64_t b = pr.b, h = task.head, hk = h / group, i0 = task.q0;
@@ -290,13 +314,14 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
   const Strides4 sgk{n.Hk * n.S * n.E, n.S * n.E, n.E, 1};
   const Strides4 sgv{n.Hk * n.S * n.Ev, n.S * n.Ev, n.Ev, 1};
 
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_unit{0};
+  at::parallel_for(0, task_workers(units), 1, [&](int64_t, int64_t) {
     std::vector<acc_t> k_buf(kBwdBlockK * n.E), v_buf(kBwdBlockK * n.Ev);
     std::vector<acc_t> probs(kBwdBlockQ * kBwdBlockK), dropped(in.rng.active ? kBwdBlockQ * kBwdBlockK : 0);
     std::vector<acc_t> dscores(kBwdBlockQ * kBwdBlockK);
     std::vector<acc_t> dk(kBwdBlockK * n.E), dv(kBwdBlockK * n.Ev);
     std::vector<acc_t> q_buf, do_buf, dq, delta, row_lse;
-    for (int64_t u = begin; u < end; ++u) {
+    for (int64_t u = next_unit++; u < units; u = next_unit++) {
       const Problem& pr = in.problems[u / n.Hk];
       const int64_t b = pr.b, hk = u % n.Hk, h0 = hk * group, ql = pr.q_len;
       // The group's queries and output gradients for the whole sequence (converted once), the
