@@ -181,6 +181,28 @@ def test_sliding_window(backend, device, dtypes, window, causal):
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+@pytest.mark.parametrize("option", ["mask", "window", "causal_long_query"])
+def test_many_key_blocks(backend, device, dtypes, option):
+    # S well beyond one key tile (512 on CPU): the online softmax rescales across tiles, and a
+    # window or mask that hides whole tiles from some rows.
+    L = 700 if option == "causal_long_query" else 37
+    q, k, v = make_qkv(1, 2, 2, L, 1300, 8, 4, seed=17)
+    mask = rand(1, 1, L, 1300, seed=18) * 3 if option == "mask" else None
+    if mask is not None:
+        mask[..., :600] = -math.inf  # the first tiles are masked for every row
+
+    def call(q, k, v, m):
+        if option == "mask":
+            return sdpa(q, k, v, attn_mask=m)
+        if option == "window":
+            return sdpa(q, k, v, window_size=(20, 900))
+        return sdpa(q, k, v, is_causal=True)
+
+    for dtype in dtypes[:2]:
+        compare(backend, device, dtype, (q, k, v, mask), call, grad_mask=mask is not None)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
 def test_broadcast_batch_dims_and_rank(backend, device, dtypes):
     # 5-D with broadcast batch dims, and key/value shared over the batch (stride 0 after expand).
     q = rand(2, 3, 2, 7, 8, seed=1)

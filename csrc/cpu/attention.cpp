@@ -206,10 +206,11 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
           q_buf.data(), &ldq);
       std::fill(row_max_.begin(), row_max_.begin() + nq, neg_inf);
       std::fill(row_sum.begin(), row_sum.begin() + nq, acc_t(0));
-      std::fill(acc.begin(), acc.begin() + nq * n.Ev, acc_t(0));
 
       const int64_t j_begin = in.window.key_begin(i0), j_end = in.window.key_end(i0 + nq, pr.k_len);
+      if (j_begin >= j_end) std::fill(acc.begin(), acc.begin() + nq * n.Ev, acc_t(0));
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockK) {
+        const bool first_block = j0 == j_begin;  // its P V product initialises the accumulator
         const int64_t nk = std::min(kFwdBlockK, j_end - j0);
         int64_t ldk, ldv;
         const acc_t* K = as_rows<scalar_t, acc_t>(
@@ -230,18 +231,22 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
             std::fill(s, s + nk, acc_t(0));
             continue;
           }
-          const acc_t rescale = row_max_[r] == neg_inf ? acc_t(0) : std::exp(row_max_[r] - new_max);
           const acc_t block_sum = exp_shift_sum(s, nk, new_max);
-          row_sum[r] = row_sum[r] * rescale + block_sum;
+          if (row_max_[r] == neg_inf) {  // first visible keys of this row: its accumulator is 0
+            row_sum[r] = block_sum;
+          } else {
+            const acc_t rescale = std::exp(row_max_[r] - new_max);
+            row_sum[r] = row_sum[r] * rescale + block_sum;
+            if (rescale != acc_t(1) && !first_block) scale_row(acc.data() + r * n.Ev, n.Ev, rescale);
+          }
           row_max_[r] = new_max;
-          if (rescale != acc_t(1)) scale_row(acc.data() + r * n.Ev, n.Ev, rescale);
           if (in.rng.active) {
             const uint64_t base = in.element_index(b, h, gi, pr.k_start + j0);
             for (int64_t j = 0; j < nk; ++j) s[j] = in.rng.keep(base + j) ? s[j] * keep_scale : acc_t(0);
           }
         }
         gemm<acc_t>(false, false, nq, n.Ev, nk, acc_t(1), scores.data(), kFwdBlockK, V, ldv,
-                    acc_t(1), acc.data(), n.Ev);
+                    first_block ? acc_t(0) : acc_t(1), acc.data(), n.Ev);
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t gi = pr.q_start + i0 + r;
@@ -254,7 +259,11 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
           continue;
         }
         const acc_t inv = acc_t(1) / row_sum[r];
-        for (int64_t c = 0; c < n.Ev; ++c) o[c * so.c] = static_cast<scalar_t>(a[c] * inv);
+        if (so.c == 1) {  // always, for the output this op allocates; the loop then vectorises
+          for (int64_t c = 0; c < n.Ev; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
+        } else {
+          for (int64_t c = 0; c < n.Ev; ++c) o[c * so.c] = static_cast<scalar_t>(a[c] * inv);
+        }
         *lse_out = static_cast<float>(row_max_[r] + std::log(row_sum[r]));
       }
     }
