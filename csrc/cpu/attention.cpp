@@ -10,7 +10,8 @@
 //   by exp(m_old - m_new)), O += P V (BLAS). At the end O /= l and lse = m + log(l).
 // Backward: one task per (sequence, KEY/VALUE head): it owns the dK/dV rows of that head and the
 //   dQ rows of every query head of its group, so no two threads ever write the same gradient
-//   element, no atomics, and the result does not depend on the thread count (deterministic). Per
+//   element and there are no atomics (deterministic). With fewer such tasks than threads, each
+//   is split over its key blocks, with private dQ partial sums added in a fixed order. Per
 //   key block (dK, dV accumulated in a tile), per query head of the group and query block:
 //   recompute P = exp(S - lse), dV += P_dropped^T dO, dP = dO V^T, dS = P (dP keep/(1-p) - D) with
 //   D = rowsum(dO * O) from a pre-pass, dK += scale dS^T Q, dQ += scale dS K (dQ accumulated for
@@ -322,22 +323,32 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
   const Strides4 sgq{n.Hq * n.L * n.E, n.L * n.E, n.E, 1};
   const Strides4 sgk{n.Hk * n.S * n.E, n.S * n.E, n.E, 1};
   const Strides4 sgv{n.Hk * n.S * n.Ev, n.S * n.Ev, n.Ev, 1};
+  // Fewer (sequence, kv head) units than threads (one long head, say): each unit's key blocks are
+  // dealt out to `parts` work items. A part owns the dK/dV rows of
+  // its keys and a private dQ partial sum; the partial sums are added afterwards in part order, so
+  // the result is still reproducible (for a given thread count) and nothing is written twice.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = units > 0 && units < threads ? (threads + units - 1) / units : 1;
+  const int64_t items = units * parts;
+  std::vector<std::vector<acc_t>> dq_parts(parts > 1 ? items : 0);
 
-  std::atomic<int64_t> next_unit{0};
-  at::parallel_for(0, task_workers(units), 1, [&](int64_t, int64_t) {
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, task_workers(items), 1, [&](int64_t, int64_t) {
     std::vector<acc_t> k_buf(kBwdBlockK * n.E), v_buf(kBwdBlockK * n.Ev);
     std::vector<acc_t> probs(kBwdBlockQ * kBwdBlockK), dropped(in.rng.active ? kBwdBlockQ * kBwdBlockK : 0);
     std::vector<acc_t> dscores(kBwdBlockQ * kBwdBlockK);
     std::vector<acc_t> dk(kBwdBlockK * n.E), dv(kBwdBlockK * n.Ev);
     std::vector<acc_t> q_buf, do_buf, dq, delta, row_lse;
-    for (int64_t u = next_unit++; u < units; u = next_unit++) {
+    for (int64_t w = next_item++; w < items; w = next_item++) {
+      const int64_t u = w / parts, part = w % parts;
       const Problem& pr = in.problems[u / n.Hk];
       const int64_t b = pr.b, hk = u % n.Hk, h0 = hk * group, ql = pr.q_len;
       // The group's queries and output gradients for the whole sequence (converted once), the
       // D = rowsum(dO * O) pre-pass, and the dQ accumulator: all O(L) per head.
       q_buf.resize(group * ql * n.E);
       do_buf.resize(group * ql * n.Ev);
-      dq.assign(group * ql * n.E, acc_t(0));
+      std::vector<acc_t>& dq_acc = parts > 1 ? dq_parts[w] : dq;
+      dq_acc.assign(group * ql * n.E, acc_t(0));
       delta.resize(group * ql);
       std::vector<const acc_t*> Q(group), dO(group);
       std::vector<int64_t> ldq(group), lddo(group);
@@ -371,7 +382,9 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
         }
       }
 
-      for (int64_t j0 = 0; j0 < pr.k_len; j0 += kBwdBlockK) {
+      // Part p takes key blocks p, p + parts, ...: interleaved, so that a causal mask (early keys
+      // seen by more queries) does not load one part more than another.
+      for (int64_t j0 = part * kBwdBlockK; j0 < pr.k_len; j0 += parts * kBwdBlockK) {
         const int64_t nk = std::min(kBwdBlockK, pr.k_len - j0), gj0 = pr.k_start + j0;
         int64_t ldk, ldv;
         const acc_t* K = as_rows<scalar_t, acc_t>(in.k + b * in.sk.b + hk * in.sk.h + gj0 * in.sk.r,
@@ -424,7 +437,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
             gemm<acc_t>(true, false, nk, n.E, nq, scale, dscores.data(), kBwdBlockK, Qb, ldq[gh],
                         acc_t(1), dk.data(), n.E);
             gemm<acc_t>(false, false, nq, n.E, nk, scale, dscores.data(), kBwdBlockK, K, ldk,
-                        acc_t(1), dq.data() + (gh * ql + i0) * n.E, n.E);
+                        acc_t(1), dq_acc.data() + (gh * ql + i0) * n.E, n.E);
           }
         }
         for (int64_t r = 0; r < nk; ++r) {
@@ -434,10 +447,30 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
           for (int64_t c = 0; c < n.Ev; ++c) gv[c] = static_cast<scalar_t>(dv[r * n.Ev + c]);
         }
       }
+      if (parts > 1) continue;  // summed below
       for (int64_t gh = 0; gh < group; ++gh) {
         for (int64_t i = 0; i < ql; ++i) {
           scalar_t* gq = g.grad_q + b * sgq.b + (h0 + gh) * sgq.h + (pr.q_start + i) * sgq.r;
           const acc_t* src = dq.data() + (gh * ql + i) * n.E;
+          for (int64_t c = 0; c < n.E; ++c) gq[c] = static_cast<scalar_t>(src[c]);
+        }
+      }
+    }
+  });
+  if (parts == 1) return;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const Problem& pr = in.problems[u / n.Hk];
+      const int64_t b = pr.b, h0 = (u % n.Hk) * group, ql = pr.q_len;
+      std::vector<acc_t>& total = dq_parts[u * parts];
+      for (int64_t part = 1; part < parts; ++part) {
+        const std::vector<acc_t>& partial = dq_parts[u * parts + part];
+        for (size_t x = 0; x < total.size(); ++x) total[x] += partial[x];
+      }
+      for (int64_t gh = 0; gh < group; ++gh) {
+        for (int64_t i = 0; i < ql; ++i) {
+          scalar_t* gq = g.grad_q + b * sgq.b + (h0 + gh) * sgq.h + (pr.q_start + i) * sgq.r;
+          const acc_t* src = total.data() + (gh * ql + i) * n.E;
           for (int64_t c = 0; c < n.E; ++c) gq[c] = static_cast<scalar_t>(src[c]);
         }
       }
