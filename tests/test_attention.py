@@ -283,10 +283,11 @@ def test_return_lse(backend, device, dtypes):
 
 
 # ------------------------------------------------------------------------------------- dropout
-def expected_seed(seed: int) -> torch.Tensor:
-    """The dropout_seed the Python layer draws right after torch.manual_seed(seed)."""
+def expected_seed(seed: int, device="cpu") -> torch.Tensor:
+    """The dropout_seed the Python layer draws right after torch.manual_seed(seed) (from the
+    generator of the tensors' device)."""
     torch.manual_seed(seed)
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
@@ -294,8 +295,8 @@ def test_dropout_matches_reference_with_its_mask(backend, device, dtypes):
     B, H, L, S, p = 2, 3, 17, 33, 0.3
     q, k, v = make_qkv(B, H, H, L, S, 8, 8, seed=41)
     mask = rand(B, H, L, S, seed=42)
-    seed = expected_seed(1234)
-    keep = dropout_keep_mask(seed.to(device), B, H, L, S, p, backend).cpu()
+    seed = expected_seed(1234, device)
+    keep = dropout_keep_mask(seed, B, H, L, S, p, backend).cpu()
     assert keep.dtype == torch.bool and keep.shape == (B, H, L, S)
     for dtype in dtypes:
         tensors = [t.detach().to(device, dtype, copy=True).requires_grad_() for t in (q, k, v, mask)]
@@ -330,13 +331,13 @@ def test_dropout_reproducible_and_keep_rate(backend, device, dtypes):
     assert not torch.allclose(a, plain)
     # keep-rate statistics over 4 * 4 * 64 * 64 = 65536 draws: within 6 standard deviations
     for p in (0.1, 0.5, 0.9):
-        keep = dropout_keep_mask(expected_seed(3).to(device), 4, 4, 64, 64, p, backend).cpu()
+        keep = dropout_keep_mask(expected_seed(3, device), 4, 4, 64, 64, p, backend).cpu()
         rate = keep.double().mean().item()
         sigma = math.sqrt(p * (1 - p) / keep.numel())
         assert abs(rate - (1 - p)) < 6 * sigma, (p, rate)
         # no structure across heads or rows: neighbouring rows / heads differ
         assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1]) and not torch.equal(keep[0, 0], keep[0, 1])
-    assert dropout_keep_mask(expected_seed(3).to(device), 1, 1, 8, 8, 0.0, backend).all()
+    assert dropout_keep_mask(expected_seed(3, device), 1, 1, 8, 8, 0.0, backend).all()
 
 
 # -------------------------------------------------------------------------------------- varlen

@@ -20,11 +20,28 @@
 
 namespace bigkernels::cpu::attention_detail {
 
-// exp(x), and exactly 0 for x below the float range (masked scores are -inf: their probability
-// must be 0, not exp_fast's clamped e^-87, so a masked key contributes nothing to any gradient).
+// exp(x) for x <= 0 (every caller passes scores minus their row maximum or their log-sum-exp),
+// and exactly 0 below the float range: masked scores are -inf, and their probability must be 0,
+// not e^-87, so that a masked key contributes nothing to any gradient. Cheaper than exp_fast: no
+// upper clamp (x <= 0), and a degree-5 polynomial fitted for relative error on |r| <= ln2 / 2
+// (max 8e-8, under one float ulp) instead of the degree-7 Taylor series. The exponentials are a
+// fifth of the forward's time at head dim 64, so two operations fewer per element show.
 BK_ALWAYS_INLINE float exp_or_zero(float x) {
-  const float e = exp_fast(x);
-  return x < -87.0f ? 0.0f : e;
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  float p = 0.008291722275316715f;
+  p = p * r + 0.04191507026553154f;
+  p = p * r + 0.1666766256093979f;
+  p = p * r + 0.49998897314071655f;
+  p = p * r + 0.9999996423721313f;
+  p = p * r + 1.0000001192092896f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return underflow ? 0.0f : p * two_n;
 }
 
 // ------------------------------------------------------------------------------------- float
