@@ -54,59 +54,60 @@ _MIN_DOT_DIM = 16
 
 
 # ------------------------------------------------------------------------------ autotune configs
-def _config(name: str, block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    config.bigkernels_name = name  # shown in error messages and by tuning scripts
-    return config
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
+# Named tiles (the names are for people tuning them; the autotuner sees the list of values).
 if _INTERPRETED:
     # The interpreter runs every program in numpy: one small tile keeps CI fast, and 16 rows still
     # makes tiny test shapes (7, 33) span several blocks, so the loops and edge masks are exercised.
-    _FORWARD_CONFIGS = [_config("interpreter", 16, 16, 1, 1)]
-    _DKDV_CONFIGS = [_config("interpreter", 16, 16, 1, 1)]
-    _DQ_CONFIGS = [_config("interpreter", 16, 16, 1, 1)]
+    FORWARD_CONFIGS = {"interpreter": _config(16, 16, 1, 1)}
+    DKDV_CONFIGS = {"interpreter": _config(16, 16, 1, 1)}
+    DQ_CONFIGS = {"interpreter": _config(16, 16, 1, 1)}
 else:
     # First guesses for Hopper/Ampere from the flash-attention-2 paper's tiling, not yet measured on
-    # this project's GPU: the autotuner picks among them per (head dims, length buckets, dtype).
-    _FORWARD_CONFIGS = [
-        # Big query tile, 8 warps: most reuse of each K/V tile, best at head dim <= 128 and long rows.
-        _config("fwd_m128_n128_w8", 128, 128, 8, 3),
-        # The usual FA2 tile: 128 query rows keep the K/V loads amortised, 64 keys fit head dim 128 in
-        # registers with 4 warps.
-        _config("fwd_m128_n64_w4", 128, 64, 4, 3),
-        _config("fwd_m128_n64_w8", 128, 64, 8, 3),
+    # this project's GPU: the autotuner picks among them per (head dims, length buckets, dtype, options).
+    FORWARD_CONFIGS = {
+        # Big query tile, 8 warps: most reuse of each K/V tile; head dim <= 128 and long rows.
+        "fwd_m128_n128_w8": _config(128, 128, 8, 3),
+        # The usual FA2 tile: 128 query rows amortise the K/V loads, 64 keys keep head dim 128 in
+        # registers with 4 warps; the 8-warp twin halves the registers per thread.
+        "fwd_m128_n64_w4": _config(128, 64, 4, 3),
+        "fwd_m128_n64_w8": _config(128, 64, 8, 3),
         # Smaller tiles: short sequences (more programs to fill the SMs) and head dim 256 (registers).
-        _config("fwd_m64_n64_w4", 64, 64, 4, 3),
-        _config("fwd_m64_n32_w4", 64, 32, 4, 2),
-    ]
+        "fwd_m64_n64_w4": _config(64, 64, 4, 3),
+        "fwd_m64_n32_w4": _config(64, 32, 4, 2),
+    }
     # dK/dV: a tall key tile (BLOCK_N) stays in registers with its dK/dV accumulators while thin
-    # query tiles (BLOCK_M) stream past it.
-    _DKDV_CONFIGS = [
-        _config("dkdv_n128_m32_w8", 32, 128, 8, 3),
-        _config("dkdv_n64_m32_w4", 32, 64, 4, 3),
-        _config("dkdv_n64_m64_w4", 64, 64, 4, 2),
-        _config("dkdv_n32_m32_w4", 32, 32, 4, 2),
-    ]
+    # query tiles (BLOCK_M) stream past it; fewer stages than the forward, which holds fewer tiles.
+    DKDV_CONFIGS = {
+        "dkdv_n128_m32_w8": _config(32, 128, 8, 3),
+        "dkdv_n64_m32_w4": _config(32, 64, 4, 3),
+        "dkdv_n64_m64_w4": _config(64, 64, 4, 2),
+        "dkdv_n32_m32_w4": _config(32, 32, 4, 2),
+    }
     # dQ: the mirror image: a tall query tile with its dQ accumulator, thin key tiles streaming.
-    _DQ_CONFIGS = [
-        _config("dq_m128_n32_w8", 128, 32, 8, 3),
-        _config("dq_m64_n32_w4", 64, 32, 4, 3),
-        _config("dq_m64_n64_w4", 64, 64, 4, 2),
-        _config("dq_m32_n32_w4", 32, 32, 4, 2),
-    ]
+    DQ_CONFIGS = {
+        "dq_m128_n32_w8": _config(128, 32, 8, 3),
+        "dq_m64_n32_w4": _config(64, 32, 4, 3),
+        "dq_m64_n64_w4": _config(64, 64, 4, 2),
+        "dq_m32_n32_w4": _config(32, 32, 4, 2),
+    }
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
     """Drop tiles whose fp32 accumulators and operand tiles cannot fit at this head dim: above 128 the
     register file (and shared memory) only holds 64 x 64 tiles; this also saves compile time."""
-    head_dim = max(named_args["BLOCK_E"], named_args["BLOCK_EV"])
+    args = {**named_args, **kwargs}  # the launchers pass the head blocks as keywords
+    head_dim = max(args["BLOCK_E"], args["BLOCK_EV"])
     kept = [c for c in configs if head_dim <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return kept or configs[-1:]
 
 
 # Tuned per padded head dims, per power-of-two bucket of the lengths (not per exact length, so varlen
 # batches with changing max lengths do not retune every step), dtype and masking features.
+_PRUNE = {"early_config_prune": _prune_for_head_dim}
 _AUTOTUNE_KEY = ["BLOCK_E", "BLOCK_EV", "LEN_Q_BUCKET", "LEN_K_BUCKET", "HAS_MASK", "HAS_DROPOUT",
                  "HAS_LEFT", "HAS_RIGHT"]
 
@@ -133,10 +134,14 @@ def _sequence_bounds(cu_q_ptr, cu_k_ptr, pid_batch, len_q, len_k, IS_VARLEN: tl.
         start_k = tl.load(cu_k_ptr + pid_batch)
         seq_q = tl.load(cu_q_ptr + pid_batch + 1) - start_q
         seq_k = tl.load(cu_k_ptr + pid_batch + 1) - start_k
-        return pid_batch * 0, start_q, start_k, seq_q, seq_k
+        batch = pid_batch * 0  # the packed tensors have batch 1
     else:
-        zero = pid_batch * 0
-        return pid_batch, zero, zero, zero + len_q, zero + len_k
+        batch = pid_batch
+        start_q = pid_batch * 0
+        start_k = start_q
+        seq_q = start_q + len_q
+        seq_k = start_q + len_k
+    return batch, start_q, start_k, seq_q, seq_k
 
 
 @triton.jit
@@ -152,33 +157,70 @@ def _visible(rows, cols, seq_q, seq_k, window_left, window_right,
 
 
 @triton.jit
-def _key_range(first_row, last_row, seq_k, window_left, window_right, BLOCK_N: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """[lo, hi) of the key blocks rows first_row..last_row can see; lo a multiple of BLOCK_N."""
-    lo = first_row * 0
-    hi = lo + seq_k
-    if HAS_LEFT:
-        lo = tl.maximum(lo, first_row - window_left)
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, last_row + window_right + 1)
-    return (lo // BLOCK_N) * BLOCK_N, hi
-
-
-@triton.jit
-def _query_range(first_col, last_col, seq_q, window_left, window_right, BLOCK_M: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """[lo, hi) of the query rows that see keys first_col..last_col: j - right <= i <= j + left."""
-    lo = first_col * 0
-    hi = lo + seq_q
-    if HAS_RIGHT:
-        lo = tl.maximum(lo, first_col - window_right)
-    if HAS_LEFT:
-        hi = tl.minimum(hi, last_col + window_left + 1)
-    return (lo // BLOCK_M) * BLOCK_M, hi
+def _block_ranges(first, last, length, lower_reach, upper_reach, BLOCK: tl.constexpr,
+                  HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr):
+    """The blocks of the other side that indices first..last of this side see, as block starts
+    lo <= full_lo <= full_hi <= hi: [lo, full_lo) and [full_hi, hi) hold blocks that need the
+    per-element visibility mask, the blocks of [full_lo, full_hi) are visible to every index (no mask).
+    Index x sees y iff x - lower_reach <= y <= x + upper_reach (when HAS_*) and y < length: for keys
+    seen by query rows that is (left, right); for query rows that see keys it is (right, left)."""
+    zero = first * 0
+    lo = zero
+    hi = zero + length
+    full_lo = zero
+    full_hi = (hi // BLOCK) * BLOCK
+    if HAS_LOWER:
+        lo = tl.maximum(zero, first - lower_reach)
+        full_lo = tl.maximum(zero, last - lower_reach)
+        full_lo = ((full_lo + BLOCK - 1) // BLOCK) * BLOCK
+    if HAS_UPPER:
+        hi = tl.minimum(hi, last + upper_reach + 1)
+        full_hi = tl.minimum(full_hi, (tl.maximum(zero, first + upper_reach + 1) // BLOCK) * BLOCK)
+    lo = (lo // BLOCK) * BLOCK  # divisions on non-negative values only: C and numpy round alike
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 # ---------------------------------------------------------------------------------------- forward
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _forward_block(m_i, l_i, acc, q, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q,
+                   start_k, stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in,
+                   offs_n, qk_scale, window_left, window_right, seed, offset, batch, head, dropout_p,
+                   MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: returns the updated (m_i, l_i, acc). MASKED: the block
+    straddles the window's edge or the sequence end, so scores get the per-element visibility mask."""
+    cols = first_col + offs_n
+    cols64 = cols.to(tl.int64)
+    col_in = cols < seq_k
+    k_t = tl.load(k_base + cols64[None, :] * stride_ks + offs_e[:, None] * stride_ke,
+                  mask=e_in[:, None] & col_in[None, :], other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_MASK:
+        bias = tl.load(mask_base + cols64[None, :] * stride_ms, mask=row_in[:, None] & col_in[None, :], other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        visible = _visible(rows[:, None], cols[None, :], seq_q, seq_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offset, batch, head, (start_q + rows)[:, None], (start_k + cols)[None, :],
+                             dropout_p)
+        p = tl.where(keep, p, 0.0)
+    v = tl.load(v_base + cols64[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
+                mask=col_in[:, None] & ev_in[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=list(FORWARD_CONFIGS.values()), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
@@ -188,9 +230,10 @@ def _attention_forward_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_lseb, stride_lseh,
-    group_size, len_q, len_k, head_dim, head_dim_v,
+    group_size, len_q, len_k,
     qk_scale, window_left, window_right, dropout_p, dropout_scale,
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -211,8 +254,8 @@ def _attention_forward_kernel(
     row_in = rows < seq_q
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    e_in = offs_e < head_dim
-    ev_in = offs_ev < head_dim_v
+    e_in = offs_e < HEAD_DIM
+    ev_in = offs_ev < HEAD_DIM_V
     offs_n = tl.arange(0, BLOCK_N)
 
     q = tl.load(q_ptr + batch64 * stride_qb + head64 * stride_qh + rows64[:, None] * stride_ql
@@ -220,6 +263,8 @@ def _attention_forward_kernel(
     k_base = k_ptr + batch64 * stride_kb + kv_head64 * stride_kh + start_k.to(tl.int64) * stride_ks
     v_base = v_ptr + batch64 * stride_vb + kv_head64 * stride_vh + start_k.to(tl.int64) * stride_vs
     mask_base = mask_ptr + batch64 * stride_mb + head64 * stride_mh + rows64[:, None] * stride_ml
+    seed = 0  # the dropout seed and offset are read only when HAS_DROPOUT
+    offset = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         offset = tl.load(seed_ptr + 1)
@@ -227,36 +272,27 @@ def _attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max, base 2
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i), before dropout
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
-    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, seq_k, window_left, window_right, BLOCK_N,
-                        HAS_LEFT, HAS_RIGHT)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + offs_n
-        cols64 = cols.to(tl.int64)
-        col_in = cols < seq_k
-        k_t = tl.load(k_base + cols64[None, :] * stride_ks + offs_e[:, None] * stride_ke,
-                      mask=e_in[:, None] & col_in[None, :], other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASK:
-            bias = tl.load(mask_base + cols64[None, :] * stride_ms, mask=row_in[:, None] & col_in[None, :],
-                           other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        visible = _visible(rows[:, None], cols[None, :], seq_q, seq_k, window_left, window_right,
-                           HAS_LEFT, HAS_RIGHT)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offset, batch, head, (start_q + rows)[:, None], (start_k + cols)[None, :],
-                                 dropout_p)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + cols64[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
-                    mask=col_in[:, None] & ev_in[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    lo, full_lo, full_hi, hi = _block_ranges(first_row, first_row + BLOCK_M - 1, seq_k, window_left, window_right,
+                                             BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # Edge blocks (window diagonal, sequence end) with the per-element mask, the interior without it.
+    for first_col in range(lo, full_lo, BLOCK_N):
+        m_i, l_i, acc = _forward_block(
+            m_i, l_i, acc, q, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q, start_k,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n, qk_scale,
+            window_left, window_right, seed, offset, batch, head, dropout_p,
+            True, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+    for first_col in range(full_lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _forward_block(
+            m_i, l_i, acc, q, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q, start_k,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n, qk_scale,
+            window_left, window_right, seed, offset, batch, head, dropout_p,
+            False, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+    for first_col in range(full_hi, hi, BLOCK_N):
+        m_i, l_i, acc = _forward_block(
+            m_i, l_i, acc, q, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q, start_k,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n, qk_scale,
+            window_left, window_right, seed, offset, batch, head, dropout_p,
+            True, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -285,15 +321,63 @@ def _attention_backward_delta_kernel(
     rows64 = rows.to(tl.int64)
     offs_ev = tl.arange(0, BLOCK_EV)
     mask = row_in[:, None] & (offs_ev < head_dim_v)[None, :]
-    o = tl.load(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + rows64[:, None] * stride_ol
+    batch = batch.to(tl.int64)
+    head = head.to(tl.int64)
+    o = tl.load(out_ptr + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ol
                 + offs_ev[None, :] * stride_oe, mask=mask, other=0.0)
-    do = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + rows64[:, None] * stride_dl
+    do = tl.load(dout_ptr + batch * stride_db + head * stride_dh + rows64[:, None] * stride_dl
                  + offs_ev[None, :] * stride_de, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + (batch.to(tl.int64) * num_heads + head) * len_q + rows64, delta, mask=row_in)
+    tl.store(delta_ptr + (batch * num_heads + head) * len_q + rows64, delta, mask=row_in)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, first_row, cols, col_in,
+                seq_q, seq_k, start_q, start_k, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_dml,
+                offs_e, e_in, offs_ev, ev_in, offs_m, qk_scale, window_left, window_right, seed, offset, batch, head,
+                dropout_p, dropout_scale,
+                MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, STORE_MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(dk, dv) plus the contributions of one query block; tiles are (keys, queries). Also stores the
+    block's dS when STORE_MASK_GRAD. dk is in scaled-score units: the caller multiplies by scale."""
+    rows = first_row + offs_m
+    rows64 = rows.to(tl.int64)
+    row_in = rows < seq_q
+    q_t = tl.load(q_base + rows64[None, :] * stride_ql + offs_e[:, None] * stride_qe,
+                  mask=e_in[:, None] & row_in[None, :], other=0.0)
+    do = tl.load(do_base + rows64[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
+                 mask=row_in[:, None] & ev_in[None, :], other=0.0)
+    lse = tl.load(lse_base + rows64, mask=row_in, other=0.0)
+    # A row that sees nothing has lse -inf and every score -inf: use 0 so that P is 0, not NaN.
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(delta_base + rows64, mask=row_in, other=0.0)
+
+    s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_MASK:
+        bias = tl.load(mask_base + rows64[None, :] * stride_ml, mask=col_in[:, None] & row_in[None, :], other=0.0)
+        s_t += bias.to(tl.float32) * 1.4426950408889634
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        visible = _visible(rows[None, :], cols[:, None], seq_q, seq_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
+        p_t = tl.where(visible, p_t, 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offset, batch, head, (start_q + rows)[None, :], (start_k + cols)[:, None],
+                             dropout_p)
+        dv += tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if STORE_MASK_GRAD:
+        tl.store(dmask_base + rows64[None, :] * stride_dml, ds_t.to(dmask_base.dtype.element_ty),
+                 mask=col_in[:, None] & row_in[None, :])
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=list(DKDV_CONFIGS.values()), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dmask_ptr,
@@ -307,9 +391,10 @@ def _attention_backward_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
-    num_heads_q, group_size, len_q, len_k, head_dim, head_dim_v,
+    num_heads_q, group_size, len_q, len_k,
     scale, qk_scale, window_left, window_right, dropout_p, dropout_scale,
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, STORE_MASK_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -330,8 +415,8 @@ def _attention_backward_dkdv_kernel(
     col_in = cols < seq_k
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    e_in = offs_e < head_dim
-    ev_in = offs_ev < head_dim_v
+    e_in = offs_e < HEAD_DIM
+    ev_in = offs_ev < HEAD_DIM_V
     offs_m = tl.arange(0, BLOCK_M)
 
     k = tl.load(k_ptr + batch64 * stride_kb + kv_head64 * stride_kh + cols64[:, None] * stride_ks
@@ -340,11 +425,14 @@ def _attention_backward_dkdv_kernel(
                 + offs_ev[None, :] * stride_ve, mask=col_in[:, None] & ev_in[None, :], other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_EV), dtype=tl.float32)
+    seed = 0  # the dropout seed and offset are read only when HAS_DROPOUT
+    offset = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         offset = tl.load(seed_ptr + 1)
-    lo, hi = _query_range(first_col, first_col + BLOCK_N - 1, seq_q, window_left, window_right, BLOCK_M,
-                          HAS_LEFT, HAS_RIGHT)
+    # Query rows i see key j iff j - right <= i <= j + left: the window's reaches swap sides.
+    lo, full_lo, full_hi, hi = _block_ranges(first_col, first_col + BLOCK_N - 1, seq_q, window_right, window_left,
+                                             BLOCK_M, HAS_RIGHT, HAS_LEFT)
     start_q64 = start_q.to(tl.int64)
     # The query heads of this key/value head's group, in order: their sums stay in registers (no atomics).
     for g in range(0, group_size):
@@ -354,43 +442,30 @@ def _attention_backward_dkdv_kernel(
         do_base = dout_ptr + batch64 * stride_dob + head64 * stride_doh + start_q64 * stride_dol
         lse_base = lse_ptr + batch64 * stride_lseb + head64 * stride_lseh + start_q64
         delta_base = delta_ptr + (batch64 * num_heads_q + head64) * len_q + start_q64
+        # Row offsets of the mask and its gradient are added per block (start_q is 0: no mask with varlen).
         mask_base = mask_ptr + batch64 * stride_mb + head64 * stride_mh + cols64[:, None] * stride_ms
         dmask_base = dmask_ptr + batch64 * stride_dmb + head64 * stride_dmh + cols64[:, None] * stride_dms
-        for first_row in range(lo, hi, BLOCK_M):
-            rows = first_row + offs_m
-            rows64 = rows.to(tl.int64)
-            row_in = rows < seq_q
-            q_t = tl.load(q_base + rows64[None, :] * stride_ql + offs_e[:, None] * stride_qe,
-                          mask=e_in[:, None] & row_in[None, :], other=0.0)
-            do = tl.load(do_base + rows64[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
-                         mask=row_in[:, None] & ev_in[None, :], other=0.0)
-            lse = tl.load(lse_base + rows64, mask=row_in, other=0.0)
-            # A row that sees nothing has lse -inf and every score -inf: use 0 so that P is 0, not NaN.
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            delta = tl.load(delta_base + rows64, mask=row_in, other=0.0)
-
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-            if HAS_MASK:
-                bias = tl.load(mask_base + (start_q64 + rows64)[None, :] * stride_ml,
-                               mask=col_in[:, None] & row_in[None, :], other=0.0)
-                s_t += bias.to(tl.float32) * 1.4426950408889634
-            visible = _visible(rows[None, :], cols[:, None], seq_q, seq_k, window_left, window_right,
-                               HAS_LEFT, HAS_RIGHT)
-            p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, offset, batch, head, (start_q + rows)[None, :],
-                                     (start_k + cols)[:, None], dropout_p)
-                dv += tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do,
-                             input_precision=DOT_PRECISION)
-                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
-            else:
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            if STORE_MASK_GRAD:
-                tl.store(dmask_base + (start_q64 + rows64)[None, :] * stride_dml,
-                         ds_t.to(dmask_ptr.dtype.element_ty), mask=col_in[:, None] & row_in[None, :])
-            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        for first_row in range(lo, full_lo, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, first_row, cols, col_in,
+                seq_q, seq_k, start_q, start_k, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_dml,
+                offs_e, e_in, offs_ev, ev_in, offs_m, qk_scale, window_left, window_right, seed, offset, batch, head,
+                dropout_p, dropout_scale,
+                True, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, STORE_MASK_GRAD, DOT_PRECISION)
+        for first_row in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, first_row, cols, col_in,
+                seq_q, seq_k, start_q, start_k, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_dml,
+                offs_e, e_in, offs_ev, ev_in, offs_m, qk_scale, window_left, window_right, seed, offset, batch, head,
+                dropout_p, dropout_scale,
+                False, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, STORE_MASK_GRAD, DOT_PRECISION)
+        for first_row in range(full_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, first_row, cols, col_in,
+                seq_q, seq_k, start_q, start_k, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_dml,
+                offs_e, e_in, offs_ev, ev_in, offs_m, qk_scale, window_left, window_right, seed, offset, batch, head,
+                dropout_p, dropout_scale,
+                True, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, STORE_MASK_GRAD, DOT_PRECISION)
 
     dk *= scale
     tile = col_in[:, None]
@@ -400,7 +475,39 @@ def _attention_backward_dkdv_kernel(
              + offs_ev[None, :] * stride_dve, dv.to(dv_ptr.dtype.element_ty), mask=tile & ev_in[None, :])
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q,
+              start_k, stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n,
+              qk_scale, window_left, window_right, seed, offset, batch, head, dropout_p, dropout_scale,
+              MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq + dS K^T of one key block (dq in scaled-score units; the caller multiplies by scale)."""
+    cols = first_col + offs_n
+    cols64 = cols.to(tl.int64)
+    col_in = cols < seq_k
+    k_t = tl.load(k_base + cols64[None, :] * stride_ks + offs_e[:, None] * stride_ke,
+                  mask=e_in[:, None] & col_in[None, :], other=0.0)
+    v_t = tl.load(v_base + cols64[None, :] * stride_vs + offs_ev[:, None] * stride_ve,
+                  mask=ev_in[:, None] & col_in[None, :], other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_MASK:
+        bias = tl.load(mask_base + cols64[None, :] * stride_ms, mask=row_in[:, None] & col_in[None, :], other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        visible = _visible(rows[:, None], cols[None, :], seq_q, seq_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offset, batch, head, (start_q + rows)[:, None], (start_k + cols)[None, :],
+                             dropout_p)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+
+
+@triton.autotune(configs=list(DQ_CONFIGS.values()), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -412,9 +519,10 @@ def _attention_backward_dq_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_lseb, stride_lseh,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
-    num_heads_q, group_size, len_q, len_k, head_dim, head_dim_v,
+    num_heads_q, group_size, len_q, len_k,
     scale, qk_scale, window_left, window_right, dropout_p, dropout_scale,
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -434,8 +542,8 @@ def _attention_backward_dq_kernel(
     row_in = rows < seq_q
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    e_in = offs_e < head_dim
-    ev_in = offs_ev < head_dim_v
+    e_in = offs_e < HEAD_DIM
+    ev_in = offs_ev < HEAD_DIM_V
     offs_n = tl.arange(0, BLOCK_N)
 
     q = tl.load(q_ptr + batch64 * stride_qb + head64 * stride_qh + rows64[:, None] * stride_ql
@@ -448,36 +556,33 @@ def _attention_backward_dq_kernel(
     k_base = k_ptr + batch64 * stride_kb + kv_head64 * stride_kh + start_k.to(tl.int64) * stride_ks
     v_base = v_ptr + batch64 * stride_vb + kv_head64 * stride_vh + start_k.to(tl.int64) * stride_vs
     mask_base = mask_ptr + batch64 * stride_mb + head64 * stride_mh + rows64[:, None] * stride_ml
+    seed = 0  # the dropout seed and offset are read only when HAS_DROPOUT
+    offset = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         offset = tl.load(seed_ptr + 1)
 
     dq = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, seq_k, window_left, window_right, BLOCK_N,
-                        HAS_LEFT, HAS_RIGHT)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + offs_n
-        cols64 = cols.to(tl.int64)
-        col_in = cols < seq_k
-        k_t = tl.load(k_base + cols64[None, :] * stride_ks + offs_e[:, None] * stride_ke,
-                      mask=e_in[:, None] & col_in[None, :], other=0.0)
-        v_t = tl.load(v_base + cols64[None, :] * stride_vs + offs_ev[:, None] * stride_ve,
-                      mask=ev_in[:, None] & col_in[None, :], other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASK:
-            bias = tl.load(mask_base + cols64[None, :] * stride_ms, mask=row_in[:, None] & col_in[None, :],
-                           other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        visible = _visible(rows[:, None], cols[None, :], seq_q, seq_k, window_left, window_right,
-                           HAS_LEFT, HAS_RIGHT)
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offset, batch, head, (start_q + rows)[:, None], (start_k + cols)[None, :],
-                                 dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _block_ranges(first_row, first_row + BLOCK_M - 1, seq_k, window_left, window_right,
+                                             BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for first_col in range(lo, full_lo, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q,
+            start_k, stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n,
+            qk_scale, window_left, window_right, seed, offset, batch, head, dropout_p, dropout_scale,
+            True, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+    for first_col in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q,
+            start_k, stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n,
+            qk_scale, window_left, window_right, seed, offset, batch, head, dropout_p, dropout_scale,
+            False, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
+    for first_col in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, first_col, rows, row_in, seq_q, seq_k, start_q,
+            start_k, stride_ks, stride_ke, stride_vs, stride_ve, stride_ms, offs_e, e_in, offs_ev, ev_in, offs_n,
+            qk_scale, window_left, window_right, seed, offset, batch, head, dropout_p, dropout_scale,
+            True, HAS_MASK, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT, DOT_PRECISION)
 
     dq *= scale
     tl.store(dq_ptr + batch64 * stride_dqb + head64 * stride_dqh + rows64[:, None] * stride_dql
@@ -593,6 +698,7 @@ def _common_meta(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         LEN_Q_BUCKET=_length_bucket(longest_q), LEN_K_BUCKET=_length_bucket(longest_k),
         IS_VARLEN=varlen, HAS_MASK=attn_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, DOT_PRECISION=_dot_precision(query),
+        HEAD_DIM=query.shape[3], HEAD_DIM_V=value.shape[3],
         BLOCK_E=_head_block(query.shape[3]), BLOCK_EV=_head_block(value.shape[3]),
     )
     return batch_programs, longest_q, longest_k, meta
@@ -631,7 +737,7 @@ def attention_forward(
         dropout_seed if dropout_p > 0.0 else any_tensor,
         *query.stride(), *key.stride(), *value.stride(), *_strides(attn_mask), *output.stride(),
         lse.stride(0), lse.stride(1),
-        heads_q // heads_k, len_q, len_k, query.shape[3], head_dim_v,
+        heads_q // heads_k, len_q, len_k,
         scale * _LOG2E, window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p),
         **meta,
     )
@@ -691,7 +797,7 @@ def attention_backward(
     seed = dropout_seed if dropout_p > 0.0 else any_tensor
     common = (*query.stride(), *key.stride(), *value.stride(), *_strides(attn_mask), *grad_output.stride(),
               lse.stride(0), lse.stride(1))
-    numbers = (heads_q, heads_q // heads_k, len_q, len_k, head_dim, head_dim_v, scale, scale * _LOG2E,
+    numbers = (heads_q, heads_q // heads_k, len_q, len_k, scale, scale * _LOG2E,
                window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p))
     dkdv_grid = lambda META: (triton.cdiv(longest_k, META["BLOCK_N"]), heads_k, batch_programs)  # noqa: E731
     _attention_backward_dkdv_kernel[dkdv_grid](
