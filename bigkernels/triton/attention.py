@@ -78,6 +78,9 @@ else:
         # Smaller tiles: short sequences (more programs to fill the SMs) and head dim 256 (registers).
         "fwd_m64_n64_w4": _config(64, 64, 4, 3),
         "fwd_m64_n32_w4": _config(64, 32, 4, 2),
+        # Single-stage fallback: float32 at head dim 256 needs ~200 KiB of shared memory at 64 x 32
+        # with 2 stages (ptxas, sm_90), more than an A100 has (164 KiB).
+        "fwd_m32_n32_w4_s1": _config(32, 32, 4, 1),
     }
     # dK/dV: a tall key tile (BLOCK_N) stays in registers with its dK/dV accumulators while thin
     # query tiles (BLOCK_M) stream past it; fewer stages than the forward, which holds fewer tiles.
@@ -86,6 +89,7 @@ else:
         "dkdv_n64_m32_w4": _config(32, 64, 4, 3),
         "dkdv_n64_m64_w4": _config(64, 64, 4, 2),
         "dkdv_n32_m32_w4": _config(32, 32, 4, 2),
+        "dkdv_n32_m32_w4_s1": _config(32, 32, 4, 1),  # float32 at head dim > 128 (shared memory)
     }
     # dQ: the mirror image: a tall query tile with its dQ accumulator, thin key tiles streaming.
     DQ_CONFIGS = {
@@ -93,16 +97,22 @@ else:
         "dq_m64_n32_w4": _config(64, 32, 4, 3),
         "dq_m64_n64_w4": _config(64, 64, 4, 2),
         "dq_m32_n32_w4": _config(32, 32, 4, 2),
+        "dq_m32_n32_w4_s1": _config(32, 32, 4, 1),  # float32 at head dim > 128 (shared memory)
     }
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles that cannot fit: above head dim 128 the fp32 accumulators and operand tiles only fit
-    (registers, shared memory) at 64 x 64; with dropout the Philox state of every score (four 32-bit
+    (registers, shared memory) at 64 x 64 or less; with dropout the Philox state of every score (four 32-bit
     words) spills larger tiles too (measured with ptxas for sm_80). Also saves autotuning compile time."""
     args = {**named_args, **kwargs}  # the launchers pass the head blocks and flags as keywords
-    small_only = max(args["BLOCK_E"], args["BLOCK_EV"]) > 128 or args["HAS_DROPOUT"]
-    kept = [c for c in configs if not small_only or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    big_head = max(args["BLOCK_E"], args["BLOCK_EV"]) > 128
+    small_only = big_head or args["HAS_DROPOUT"]
+    # The single-stage fallback tiles only where the others may not fit in shared memory.
+    fallback_too = big_head and args["q_ptr"].element_size() == 4
+    kept = [c for c in configs
+            if (not small_only or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
+            and (c.num_stages > 1 or fallback_too)]
     return kept or configs[-1:]
 
 
