@@ -32,7 +32,6 @@ A row that sees no key has l = 0: its output is 0, its lse -inf and its gradient
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -45,8 +44,7 @@ from bigkernels._backend import triton_interpreting
 # Read once, like triton.jit: the kernels below were built for the interpreter or not at import time.
 _INTERPRETED = triton_interpreting()
 
-_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-_LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); the kernels spell it (and ln 2) out as literals
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 # tl.dot needs every operand dimension >= 16 on the GPU: smaller head dims are padded (masked) to 16.
