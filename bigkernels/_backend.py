@@ -29,6 +29,8 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
     "lstm": ("cuda", "triton"),
+    # conv (issue 5): Triton implicit GEMM; depthwise calls are routed in bigkernels/ops/conv.py.
+    "conv": ("triton",),
 }
 
 

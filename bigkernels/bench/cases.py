@@ -33,6 +33,7 @@ GEMM_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 OP_MODULES: dict[str, str] = {
     "lstm_cell": "bigkernels.bench.lstm_cell",
     "lstm": "bigkernels.bench.lstm",
+    "conv": "bigkernels.bench.conv",  # issue 5
 }
 
 DTYPE_NAMES: dict[str, torch.dtype] = {

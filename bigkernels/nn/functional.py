@@ -3,3 +3,8 @@ from bigkernels.ops.lstm import lstm_layer
 from bigkernels.ops.lstm_cell import lstm_cell
 
 __all__ = ["lstm_cell", "lstm_layer"]
+
+# conv (issue 5)
+from bigkernels.ops.conv import conv1d, conv2d  # noqa: E402
+
+__all__ += ["conv1d", "conv2d"]
