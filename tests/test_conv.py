@@ -152,6 +152,61 @@ def test_every_activation(backend, device, dtypes, activation, poison_empty):
             check_against_stock(backend, device, dtypes[0], tensors, geo, activation, negative_slope=slope)
 
 
+# Layers big enough (>= 4M multiply-adds) for the CPU kernel's oneDNN post-op core
+# (csrc/cpu/conv.cpp, prefer_onednn_fused): (geometry, channels_last, residual).
+ONEDNN_CASES = [
+    ((2, 32, 16, 16, 32, (3, 3), 1, 1, 1, 1), True, True),  # channels_last + residual
+    ((2, 32, 32, 32, 32, (3, 3), 2, 1, 1, 1), True, False),  # channels_last, strided, no residual
+    ((2, 64, 32, 32, 64, (7, 7), 1, 3, 1, 64), False, False),  # depthwise 7x7 NCHW
+    ((4, 64, 16, 16, 64, (1, 1), 1, 0, 1, 1), False, True),  # NCHW 1x1 + residual
+]
+ONEDNN_ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "leaky_relu", None]
+
+
+@pytest.mark.parametrize("activation", ONEDNN_ACTIVATIONS)
+def test_cpu_onednn_fused_core(activation, poison_empty):
+    """float32 and bfloat16, with and without gradients (training keeps z for gelu/silu, so the
+    activation moves to the kernel's extra pass; inference puts it inside the primitive)."""
+    k = ONEDNN_ACTIVATIONS.index(activation)
+    for i in (k % 4, (k + 2) % 4):
+        geom, channels_last, residual = ONEDNN_CASES[i]
+        # bfloat16 on the dense layers only: stock CPU depthwise bfloat16 backward is very slow.
+        dtype = torch.bfloat16 if i in (0, 3) and k % 2 == 0 else torch.float32
+        tensors, geo = make_case(*geom, residual=residual, seed=200 + i)
+        if i != 2:  # depthwise: forward only (ATen's CPU depthwise weight gradient takes seconds here)
+            check_against_stock("cpu", "cpu", dtype, tensors, geo, activation, channels_last, seed=i)
+        with torch.no_grad():
+            t = cast(tensors, dtype, "cpu", channels_last, requires_grad=False)
+            with bigkernels.use_backend("cpu"):
+                y = ours(t, geo, activation)
+            ref = stock(cast(tensors, torch.float64, "cpu", requires_grad=False), geo, activation)
+            assert_matches(f"inference/{dtype}/{activation}", y, stock(t, geo, activation), ref)
+
+
+def test_cpu_core_choice():
+    """The big layers above do run on the fused primitive; a tiny NCHW one does not."""
+    def fused_calls(geom, channels_last, residual):
+        tensors, geo = make_case(*geom, residual=residual, seed=220)
+        t = cast(tensors, torch.float32, "cpu", channels_last, requires_grad=False)
+        with torch.no_grad(), bigkernels.use_backend("cpu"), torch.autograd.profiler.profile() as prof:
+            ours(t, geo, "relu")
+        return sum("_convolution_pointwise" in e.name for e in prof.function_events)
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    for case in ONEDNN_CASES:
+        assert fused_calls(*case) == 1, case
+    assert fused_calls((1, 3, 7, 9, 5, (3, 3), 1, 1, 1, 1), False, True) == 0
+
+
+def test_cpu_generic_core_without_onednn():
+    """With oneDNN switched off the CPU kernel runs at::convolution + its own pass: same results."""
+    tensors, geo = make_case(2, 32, 16, 16, 32, (3, 3), 1, 1, 1, 1, seed=210)
+    with torch.backends.mkldnn.flags(enabled=False):
+        for activation in ("relu", "silu"):
+            check_against_stock("cpu", "cpu", torch.float32, tensors, geo, activation, channels_last=True)
+
+
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 def test_padding_forms(backend, device, dtypes):
     """'same' (odd, even and dilated kernels), 'valid', ints and tuples mean what they mean in torch."""

@@ -2,13 +2,15 @@
 //
 //   y = act(conv2d(x, w, stride, padding, dilation, groups) + bias + residual)
 //
-// Forward, float32/bfloat16 (fast path): oneDNN's fused convolution primitive (the ATen op
-//          mkldnn::_convolution_pointwise that inductor's CPU conv fusions use), configured with
+// Forward, float32/bfloat16, where it measured fastest (prefer_onednn_fused: channels_last,
+//          depthwise, or with a residual; not tiny): oneDNN's fused convolution primitive (the ATen
+//          op mkldnn::_convolution_pointwise that inductor's CPU conv fusions use), configured with
 //          post-ops so that bias, residual add and activation are applied while oneDNN writes each
 //          output block: one pass, no intermediate tensor. oneDNN takes a residual add followed by
 //          relu (or no activation); any other activation after a residual, or one whose gradient
 //          needs the pre-activation z in training, gets ONE extra in-place pass (conv_epilogue.cpp).
-// Forward, float64 or without oneDNN: at::convolution (bias folded in), then that one pass.
+// Forward, otherwise (float64, NCHW without residual, tiny layers, no oneDNN): at::convolution
+//          (oneDNN or ATen's own kernels, with the bias folded in), then that one in-place pass.
 //          The stock sequence runs up to three passes after the conv (+ bias when not fused,
 //          + residual, activation) and allocates a tensor for each.
 // Backward: ONE pass gz = dy * act'(z or y), then ATen's convolution_backward on gz for the
@@ -132,6 +134,23 @@ struct ConvGeometry {
   int64_t batch, channels, height, width, filters, kernel_h, kernel_w, out_h, out_w;
 };
 
+// Below this many multiply-adds the fused primitive's fixed cost (~40 us: it builds its oneDNN
+// primitive on every call) outweighs the pass it saves; at::convolution caches its primitives.
+constexpr int64_t kOneDnnFusedMinMacs = 4 << 20;
+
+// Which core runs a float32/bfloat16 call. Measured side by side on a 2-core Xeon (1 and 2 threads,
+// batch 1 and 4, ResNet/MobileNet/ConvNeXt layer shapes): the fused primitive is at least as fast
+// as at::convolution + our in-place pass for channels_last input, depthwise layers and calls with
+// a residual, but up to 2x slower on NCHW layers without a residual (e.g. 1x1 256 -> 64: it takes
+// a slower kernel than at::convolution's); those take the generic path.
+bool prefer_onednn_fused(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g, int64_t groups,
+                         bool has_residual, at::MemoryFormat layout) {
+  const int64_t macs = g.batch * g.filters * g.out_h * g.out_w * weight.size(1) * g.kernel_h * g.kernel_w;
+  const bool depthwise = groups == g.channels && groups == g.filters;
+  return macs >= kOneDnnFusedMinMacs && (layout == at::MemoryFormat::ChannelsLast || depthwise || has_residual) &&
+         onednn_usable(input);
+}
+
 ConvGeometry check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
@@ -194,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
                                             at::IntArrayRef dilation, int64_t groups,
                                             c10::string_view activation, double negative_slope,
                                             bool need_preactivation) {
-  check_conv_args(input, weight, bias, residual, stride, padding, dilation, groups);
+  const auto g = check_conv_args(input, weight, bias, residual, stride, padding, dilation, groups);
   const Activation act = parse_activation(std::string(activation));
   const auto layout = layout_of(input);
   const bool has_residual = residual.has_value() && residual->defined();
@@ -205,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
   at::Tensor preactivation = at::empty({0}, input.options());
 
   // Fast path: oneDNN applies bias, residual and (when it can) the activation as post-ops.
-  if (onednn_usable(input)) {
+  if (prefer_onednn_fused(input, weight, g, groups, has_residual, layout)) {
     // The activation goes into the primitive unless z must be kept, or a residual comes first and
     // the activation is not relu (oneDNN's residual fusion takes relu only).
     const bool act_in_primitive = !keep_z && (!has_residual || act == Activation::ReLU);
