@@ -261,7 +261,7 @@ def test_hypothesis_sweep_cpu(n, cg, kg, groups, h, w, r, s, stride, padding, di
 # ----------------------------------------------------------------------------- gradcheck, opcheck
 @pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid", "leaky_relu"])
 def test_gradcheck_cpu_float64(activation):
-    tensors, geo = make_case(2, 4, 5, 6, 4, (3, 2), (2, 1), 1, (1, 2), 2, seed=50)
+    tensors, geo = make_case(1, 4, 4, 5, 4, (3, 2), (2, 1), 1, (1, 2), 2, seed=50)
     t = cast(tensors, torch.float64, "cpu")
     if activation == "relu":  # keep the pre-activation away from relu's kink for finite differences
         t["residual"] = (t["residual"].detach() + 3.0).requires_grad_()
@@ -271,7 +271,8 @@ def test_gradcheck_cpu_float64(activation):
             return conv2d(input, weight, bias, geo["stride"], geo["padding"], geo["dilation"], geo["groups"],
                           activation=activation, residual=residual)
 
-    assert torch.autograd.gradcheck(fn, [t["input"], t["weight"], t["bias"], t["residual"]])
+    # Full (slow-mode) Jacobians once; the other activations through fast mode (random projections).
+    assert torch.autograd.gradcheck(fn, [t["input"], t["weight"], t["bias"], t["residual"]], fast_mode=activation != "relu")
 
 
 def test_gradcheck_partial_requires_grad():
@@ -285,7 +286,7 @@ def test_gradcheck_partial_requires_grad():
             with bigkernels.use_backend("cpu"):
                 return conv2d(full["input"], full["weight"], full["bias"], padding=1, activation="silu", residual=full["residual"])
 
-        assert torch.autograd.gradcheck(fn, [args[k] for k in needed])
+        assert torch.autograd.gradcheck(fn, [args[k] for k in needed], fast_mode=True)
 
 
 def _op_samples(device, dtype):
@@ -336,6 +337,17 @@ def test_opcheck_triton():
     with torch.no_grad():
         for args in _backward_samples(TRITON_DEVICE, torch.float32, torch.ops.bigkernels.conv_triton.default)[:3]:
             torch.library.opcheck(torch.ops.bigkernels.conv_backward_triton.default, args, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_autocast_runs_in_the_autocast_dtype():
+    """conv2d is on autocast's lower-precision list: like the stock conv, ours runs and returns bf16."""
+    tensors, geo = make_case(2, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1, residual=False, seed=75)
+    t = cast(tensors, torch.float32, "cpu", requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), bigkernels.use_backend("cpu"):
+        y = ours(t, geo, "relu")
+        expected = torch.relu(F.conv2d(t["input"], t["weight"], t["bias"], 1, 1))
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
 
 
 def test_preactivation_kept_only_when_needed():

@@ -288,9 +288,10 @@ def _pick_op(backend: str, input: Tensor, weight: Tensor, groups: int) -> ConvRu
     return torch.ops.bigkernels.conv.default
 
 
-def _autocast(tensors: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
-    """conv2d is on CUDA autocast's lower-precision list: run (and return) in the autocast dtype."""
-    dtype = torch.get_autocast_dtype("cuda")
+def _autocast(device_type: str, tensors: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
+    """conv2d is on autocast's lower-precision list (CUDA and CPU): run (and return) in the autocast
+    dtype, as the stock conv2d does."""
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
@@ -341,8 +342,8 @@ def conv2d(
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels / groups, kH, kW), got {weight.dim()}-D")
     input, padding_ = _resolve_padding(input, weight, padding, stride_, dilation_)
-    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        input, weight, bias, residual = _autocast((input, weight, bias, residual))
+    if input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type):
+        input, weight, bias, residual = _autocast(input.device.type, (input, weight, bias, residual))
     _check_arguments(input, weight, bias, residual, stride_, padding_, dilation_, groups, act)
 
     backend = _backend.resolve(OP, input.device)

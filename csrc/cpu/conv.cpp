@@ -213,6 +213,8 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
                                             at::IntArrayRef dilation, int64_t groups,
                                             c10::string_view activation, double negative_slope,
                                             bool need_preactivation) {
+  // The ATen calls below must run in the caller's dtype: autocast applies at our op's boundary.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto g = check_conv_args(input, weight, bias, residual, stride, padding, dilation, groups);
   const Activation act = parse_activation(std::string(activation));
   const auto layout = layout_of(input);
@@ -264,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const at::Tensor& output, const at::Tensor& preactivation, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
     double negative_slope, std::array<bool, 4> output_mask) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto g = check_conv_args(input, weight, std::nullopt, std::nullopt, stride, padding, dilation, groups);
   const Activation act = parse_activation(std::string(activation));
   const auto layout = layout_of(input);
