@@ -30,12 +30,12 @@ def _shape(n, c, k, h, r, stride=1, groups=1, res=0):
 QUICK_CPU = [
     _shape(1, 128, 128, 28, 3, res=1),  # ResNet layer2 3x3 conv with the block's residual + relu tail
     _shape(1, 64, 256, 56, 1, res=1),  # ResNet bottleneck expand 1x1 + residual + relu
-    _shape(1, 256, 64, 56, 1),  # ResNet bottleneck reduce 1x1 + relu
     _shape(1, 128, 128, 56, 3, groups=128),  # MobileNet-style depthwise 3x3
     _shape(1, 96, 96, 56, 7, groups=96),  # ConvNeXt-style depthwise 7x7
 ]
-# Full CPU suite adds batch 8 and the strided layers.
+# Full CPU suite adds the 1x1 reduce layer, batch 8 and the strided layers.
 FULL_CPU = QUICK_CPU + [
+    _shape(1, 256, 64, 56, 1),  # ResNet bottleneck reduce 1x1 + relu
     _shape(8, 128, 128, 28, 3, res=1),
     _shape(8, 64, 256, 56, 1, res=1),
     _shape(8, 64, 128, 56, 3, stride=2),

@@ -178,6 +178,12 @@ if _extension.AVAILABLE:
 # ------------------------------------------------------------------------------ argument checks
 def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     """An int or a sequence of 2 ints (as torch's conv2d takes them), each >= minimum."""
+    # Fast paths first: this runs three times per call, and isinstance(x, Sequence) is slow.
+    if type(value) is int and value >= minimum:
+        return (value, value)
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        if value[0] >= minimum and value[1] >= minimum:
+            return (value[0], value[1])
     if isinstance(value, bool) or not isinstance(value, (int, Sequence, torch.SymInt)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__}")
     pair = (value, value) if not isinstance(value, Sequence) else tuple(value)
@@ -344,19 +350,30 @@ def conv2d(
     input, padding_ = _resolve_padding(input, weight, padding, stride_, dilation_)
     if input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type):
         input, weight, bias, residual = _autocast(input.device.type, (input, weight, bias, residual))
-    _check_arguments(input, weight, bias, residual, stride_, padding_, dilation_, groups, act)
+    args = (input, weight, bias, residual, stride_, padding_, dilation_, groups, act)
 
     backend = _backend.resolve(OP, input.device)
+    # The C++ kernel checks its arguments itself (cheaply): on its happy path the Python checks run
+    # only after it refused a call, to turn its error into the precise one (~20 us saved per call).
+    # The reference (which would broadcast through bad shapes), Triton, and traced code (free at run
+    # time) always run them first.
+    if backend != "cpu" or torch.compiler.is_compiling():
+        _check_arguments(*args)
     if backend == "reference":
         out = reference.conv2d(input, weight, bias, stride_, padding_, dilation_, groups, act, negative_slope,
                                residual)
     else:
         run = _pick_op(backend, input, weight, groups)
-        need_preactivation = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, weight, bias, residual)
+        need_preactivation = torch.is_grad_enabled() and (
+            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)
         )
-        out, _ = run(input, weight, bias, residual, list(stride_), list(padding_), list(dilation_), groups, act,
-                     float(negative_slope), need_preactivation)
+        try:
+            out, _ = run(input, weight, bias, residual, list(stride_), list(padding_), list(dilation_), groups, act,
+                         float(negative_slope), need_preactivation)
+        except (RuntimeError, TypeError, ValueError):
+            _check_arguments(*args)  # raises the precise error when the arguments are at fault
+            raise
     return out.squeeze(0) if unbatched else out
 
 
