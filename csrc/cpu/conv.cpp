@@ -24,6 +24,7 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <string>
@@ -50,11 +51,25 @@ at::MemoryFormat layout_of(const at::Tensor& input) {
              : at::MemoryFormat::Contiguous;
 }
 
+// The strides at::empty(sizes, layout) gives a 4-D tensor (sizes of 0 count as 1), computed
+// rather than read off a fresh allocation: in_layout runs on every output of every call.
+std::array<int64_t, 4> layout_strides(at::IntArrayRef sizes, at::MemoryFormat layout) {
+  const auto extent = [&](int d) { return std::max<int64_t>(sizes[d], 1); };
+  if (layout == at::MemoryFormat::ChannelsLast) {  // memory order N, H, W, C
+    const int64_t c = 1, w = extent(1), h = w * extent(3), n = h * extent(2);
+    return {n, c, h, w};
+  }
+  const int64_t w = 1, h = extent(3), c = h * extent(2), n = c * extent(1);
+  return {n, c, h, w};
+}
+
 // t itself when it already has exactly the strides of a fresh tensor of its shape in `layout`,
 // else a copy that has them (so the real outputs match the fake implementation bit for bit).
 at::Tensor in_layout(const at::Tensor& t, at::MemoryFormat layout) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 4);
+  const auto expected = layout_strides(t.sizes(), layout);
+  if (t.strides() == at::IntArrayRef(expected.data(), expected.size())) return t;
   auto fresh = at::empty(t.sizes(), t.options().memory_format(layout));
-  if (t.strides() == fresh.strides()) return t;
   fresh.copy_(t);
   return fresh;
 }
