@@ -30,8 +30,9 @@ IntPair = Union[int, Sequence[int]]
 
 # ------------------------------------------------------------------------------------ helpers
 def output_memory_format(input: Tensor) -> torch.memory_format:
-    """The layout of the ops' outputs: channels_last exactly when the input is channels_last and not
-    also NCHW-contiguous (C == 1 or H == W == 1 can be both). csrc/cpu/conv.cpp uses the same rule."""
+    """The layout of the ops' outputs (and of grad_input): channels_last exactly when the input is
+    channels_last and not also NCHW-contiguous (C == 1 or H == W == 1 can be both); grad_weight
+    follows the weight by the same rule. csrc/cpu/conv.cpp (layout_of) uses the same rule."""
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -72,7 +73,7 @@ def _fake_backward(grad_output, input, weight, output, preactivation, stride, pa
     need_input, need_weight, need_bias, need_residual = output_mask
     return (
         _empty(input.shape, input, layout) if need_input else input.new_empty((0,)),
-        _empty(weight.shape, weight) if need_weight else input.new_empty((0,)),
+        _empty(weight.shape, weight, output_memory_format(weight)) if need_weight else input.new_empty((0,)),
         input.new_empty((weight.shape[0],)) if need_bias else input.new_empty((0,)),
         _empty(grad_output.shape, input, layout) if need_residual else input.new_empty((0,)),
     )

@@ -325,7 +325,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   }
   const auto empty = [&] { return at::empty({0}, input.options()); };
   grad_input = output_mask[0] ? in_layout(grad_input, layout) : empty();
-  grad_weight = output_mask[1] ? in_layout(grad_weight, at::MemoryFormat::Contiguous) : empty();
+  // grad_weight in the weight's layout: a channels_last model (model.to(memory_format=...)) has
+  // channels_last weights, and autograd would otherwise copy the gradient to match them.
+  grad_weight = output_mask[1] ? in_layout(grad_weight, layout_of(weight)) : empty();
   grad_bias = output_mask[2] ? grad_bias.contiguous() : empty();
   at::Tensor grad_residual = output_mask[3] ? grad_z : empty();
   return {grad_input, grad_weight, grad_bias, grad_residual};
