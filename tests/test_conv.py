@@ -153,13 +153,13 @@ def test_every_activation(backend, device, dtypes, activation, poison_empty):
             check_against_stock(backend, device, dtypes[0], tensors, geo, activation, negative_slope=slope)
 
 
-# Layers big enough (>= 4M multiply-adds) for the CPU kernel's oneDNN post-op core
+# Layers big enough (>= 2^17 output elements) for the CPU kernel's oneDNN post-op core
 # (csrc/cpu/conv.cpp, prefer_onednn_fused): (geometry, channels_last, residual).
 ONEDNN_CASES = [
-    ((2, 32, 16, 16, 32, (3, 3), 1, 1, 1, 1), True, True),  # channels_last + residual
-    ((2, 32, 32, 32, 32, (3, 3), 2, 1, 1, 1), True, False),  # channels_last, strided, no residual
-    ((2, 64, 32, 32, 64, (7, 7), 1, 3, 1, 64), False, False),  # depthwise 7x7 NCHW
-    ((4, 64, 16, 16, 64, (1, 1), 1, 0, 1, 1), False, True),  # NCHW 1x1 + residual
+    ((2, 16, 48, 48, 32, (3, 3), 1, 1, 1, 1), True, True),  # channels_last + residual
+    ((2, 16, 96, 96, 32, (3, 3), 2, 1, 1, 1), True, False),  # channels_last, strided, no residual
+    ((1, 64, 48, 48, 64, (7, 7), 1, 3, 1, 64), False, False),  # depthwise 7x7 NCHW
+    ((2, 32, 48, 48, 32, (1, 1), 1, 0, 1, 1), False, True),  # NCHW 1x1 + residual
 ]
 ONEDNN_ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "leaky_relu", None]
 

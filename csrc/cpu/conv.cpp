@@ -149,9 +149,10 @@ struct ConvGeometry {
   int64_t batch, channels, height, width, filters, kernel_h, kernel_w, out_h, out_w;
 };
 
-// Below this many multiply-adds the fused primitive's fixed cost (~40 us: it builds its oneDNN
-// primitive on every call) outweighs the pass it saves; at::convolution caches its primitives.
-constexpr int64_t kOneDnnFusedMinMacs = 4 << 20;
+// Below this many output elements the fused primitive's fixed cost (~40 us on the machine below:
+// it builds its oneDNN primitive on every call, where at::convolution caches its own) outweighs the
+// pass over the output it saves (~0.5 MB of float32 read and written).
+constexpr int64_t kOneDnnFusedMinOutputs = 1 << 17;
 
 // Which core runs a float32/bfloat16 call. Measured side by side on a 2-core Xeon (1 and 2 threads,
 // batch 1 and 4, ResNet/MobileNet/ConvNeXt layer shapes): the fused primitive is at least as fast
@@ -160,9 +161,9 @@ constexpr int64_t kOneDnnFusedMinMacs = 4 << 20;
 // a slower kernel than at::convolution's); those take the generic path.
 bool prefer_onednn_fused(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g, int64_t groups,
                          bool has_residual, at::MemoryFormat layout) {
-  const int64_t macs = g.batch * g.filters * g.out_h * g.out_w * weight.size(1) * g.kernel_h * g.kernel_w;
+  const int64_t outputs = g.batch * g.filters * g.out_h * g.out_w;
   const bool depthwise = groups == g.channels && groups == g.filters;
-  return macs >= kOneDnnFusedMinMacs && (layout == at::MemoryFormat::ChannelsLast || depthwise || has_residual) &&
+  return outputs >= kOneDnnFusedMinOutputs && (layout == at::MemoryFormat::ChannelsLast || depthwise || has_residual) &&
          onednn_usable(input);
 }
 
