@@ -31,6 +31,8 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm": ("cuda", "triton"),
     # ---- attention ----
     "attention": ("triton",),
+    # conv (issue 5): Triton implicit GEMM; depthwise calls are routed in bigkernels/ops/conv.py.
+    "conv": ("triton",),
 }
 
 

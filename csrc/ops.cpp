@@ -65,6 +65,24 @@ TORCH_LIBRARY(bigkernels, m) {
       "Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
   // The CPU kernels' dropout keep mask (B, H, L, S) bool for a seed: what tests compare against.
   m.def("attention_dropout_mask(Tensor seed, int B, int H, int L, int S, float p) -> Tensor");
+  // ---- conv (issue 5) ----
+  // Fused convolution: output = act(conv2d(input, weight, stride, padding, dilation, groups) + bias
+  // + residual), act one of none, relu, gelu, gelu_tanh, silu, sigmoid, leaky_relu(negative_slope).
+  //   input (N, C, H, W) NCHW or channels_last; weight (K, C/groups, R, S); bias (K,); residual
+  //   (N, K, P, Q). output (N, K, P, Q) in the input's layout. Symmetric padding only.
+  //   preactivation: z (before act) when need_preactivation and act' needs z (gelu, gelu_tanh,
+  //   silu, leaky_relu with slope <= 0), else an empty (0,) tensor.
+  m.def(
+      "conv(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, str activation, float negative_slope, bool need_preactivation) -> "
+      "(Tensor output, Tensor preactivation)");
+  // Backward of conv. output_mask = gradients wanted for (input, weight, bias, residual); unwanted
+  // ones come back as empty (0,) tensors.
+  m.def(
+      "conv_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, Tensor preactivation, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, float negative_slope, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // ---- end conv ----
 }
 
 // `import bigkernels._C` loads this library, which runs the registrations above. No Python API

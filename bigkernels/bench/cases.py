@@ -35,6 +35,7 @@ OP_MODULES: dict[str, str] = {
     "lstm": "bigkernels.bench.lstm",
     # ---- attention ----
     "attention": "bigkernels.bench.attention",
+    "conv": "bigkernels.bench.conv",  # issue 5
 }
 
 DTYPE_NAMES: dict[str, torch.dtype] = {

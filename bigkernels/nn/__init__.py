@@ -9,3 +9,7 @@ __all__ = ["LSTM", "LSTMCell", "functional"]
 from bigkernels.nn.multihead_attention import MultiheadAttention  # noqa: E402
 
 __all__ += ["MultiheadAttention"]
+# conv (issue 5)
+from bigkernels.nn.conv import Conv1d, Conv2d, Conv2dBNAct, fuse_conv_bn  # noqa: E402
+
+__all__ += ["Conv1d", "Conv2d", "Conv2dBNAct", "fuse_conv_bn"]

@@ -8,3 +8,7 @@ __all__ = ["lstm_cell", "lstm_layer"]
 from bigkernels.ops.attention import scaled_dot_product_attention  # noqa: E402
 
 __all__ += ["scaled_dot_product_attention"]
+# conv (issue 5)
+from bigkernels.ops.conv import conv1d, conv2d  # noqa: E402
+
+__all__ += ["conv1d", "conv2d"]

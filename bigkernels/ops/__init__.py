@@ -5,9 +5,11 @@ the fake and autograd implementations of all ops. The public entry points live i
 bigkernels.nn.functional.
 """
 from bigkernels.ops import lstm, lstm_cell  # noqa: F401  (registers the ops' fake/autograd kernels)
+from bigkernels.ops import conv  # noqa: F401  (conv, issue 5)
 
 # ---- attention ----
 from bigkernels.ops import attention  # noqa: F401,E402
 
 __all__ = ["lstm", "lstm_cell"]
 __all__ += ["attention"]  # attention
+__all__ += ["conv"]
