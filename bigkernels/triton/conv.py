@@ -32,6 +32,7 @@ cuDNN convolutions would). CUDA tensors, or CPU tensors under the Triton interpr
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -74,6 +75,7 @@ else:
         _config(64, 64, 64, 4, 4),    # small layers: more programs to fill the SMs
         _config(128, 128, 32, 4, 4),  # half the shared memory per stage (float32)
         _config(128, 32, 32, 4, 4),   # few output channels (stems, grouped convs)
+        _config(128, 64, 16, 4, 4),   # thin reductions: the RGB stem (C = 3), few channels per group
     ]
     # The transposed conv has the same GEMM shape family (pixels x channels), so the same choices.
     _GRAD_INPUT_CONFIGS = list(_FORWARD_CONFIGS)
@@ -85,6 +87,7 @@ else:
         _config(64, 128, 64, 4, 4),
         _config(64, 64, 128, 4, 3),   # deeper reduction steps for small channel counts
         _config(128, 128, 32, 4, 4),  # float32
+        _config(64, 16, 128, 4, 3),   # few input channels per group (the RGB stem)
     ]
 
 # The grad_weight split length is a multiple of every config's BLOCK_K, so a split never ends inside
@@ -281,21 +284,24 @@ def _conv_grad_input_kernel(
     ss_n, ss_k, ss_p, ss_q,
     sw_k, sw_c, sw_r, sw_s,
     sdx_n, sdx_c, sdx_h, sdx_w,
+    # The stride phase this launch covers (see _grad_input_phases): input rows phase_h + i*stride_h
+    # (i < rows_h) and columns likewise, and the taps r = r_first + j*r_step (j < taps_r), s likewise.
+    phase_h, phase_w, rows_h, rows_w, r_first, r_step, taps_r, s_first, s_step, taps_s,
     negative_slope,
     ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     group = tl.program_id(1)
-    M = N * H * W
+    M = N * rows_h * rows_w
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(Cg, BLOCK_N), GROUP_M)
 
-    # Rows: input pixels (n, h, w). Columns: input channels of this group.
+    # Rows: the input pixels (n, h, w) of this stride phase. Columns: input channels of this group.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    n = rows // (H * W)
-    hw = rows % (H * W)
-    ih = hw // W
-    iw = hw % W
+    n = rows // (rows_h * rows_w)
+    hw = rows % (rows_h * rows_w)
+    ih = phase_h + (hw // rows_w) * stride_h
+    iw = phase_w + (hw % rows_w) * stride_w
+    row_mask = (rows < M) & (ih < H) & (iw < W)
     n64 = n.to(tl.int64)
     dy_rows = n64 * sdy_n
     saved_rows = n64 * ss_n
@@ -306,19 +312,19 @@ def _conv_grad_input_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_blocks = tl.cdiv(Kg, BLOCK_K)
-    for t in range(0, R * S * k_blocks):
+    for t in range(0, taps_r * taps_s * k_blocks):
         tap = t // k_blocks
         k0 = (t - tap * k_blocks) * BLOCK_K
-        r = tap // S
-        s = tap - r * S
-        # Output pixel that tap (r, s) of input pixel (h, w) contributes to, if any: the division by
-        # the stride must be exact (the >= 0 test first makes the rounding of // irrelevant).
+        r = r_first + (tap // taps_s) * r_step
+        s = s_first + (tap % taps_s) * s_step
+        # Every tap of this phase divides exactly: the output pixel that tap (r, s) of input pixel
+        # (h, w) feeds is ((h + pad - r*dil) / stride, ...) when inside the output. (The >= 0 test
+        # comes first, so the rounding of // for negative numerators does not matter.)
         oh_num = ih + pad_h - r * dil_h
         ow_num = iw + pad_w - s * dil_w
         oh = oh_num // stride_h
         ow = ow_num // stride_w
-        pixel_ok = (row_mask & (oh_num >= 0) & (ow_num >= 0) & (oh * stride_h == oh_num)
-                    & (ow * stride_w == ow_num) & (oh < P) & (ow < Q))
+        pixel_ok = row_mask & (oh_num >= 0) & (ow_num >= 0) & (oh < P) & (ow < Q)
         k_ok = (k0 + ks) < Kg
         channels = (first_k + k0 + ks).to(tl.int64)
         gz_mask = pixel_ok[:, None] & k_ok[None, :]
@@ -330,6 +336,7 @@ def _conv_grad_input_kernel(
                     mask=k_ok[:, None] & c_mask[None, :], other=0.0)
         acc += tl.dot(a.to(b.dtype), b, input_precision=DOT_PRECISION)
 
+    # Pixels no tap reaches (a phase without taps, rows past the last output) get their zeros here.
     mask = row_mask[:, None] & c_mask[None, :]
     dx_offsets = (n64 * sdx_n + ih * sdx_h + iw * sdx_w)[:, None] + (group * Cg + cs).to(tl.int64)[None, :] * sdx_c
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -609,6 +616,24 @@ def _grad_weight_splits(pixels: int, tiles: int, device: torch.device) -> tuple[
     return triton.cdiv(pixels, length), length
 
 
+def _grad_input_phases(size: int, taps: int, stride: int, padding: int, dilation: int):
+    """Stride phases of grad_input along one axis: (phase, rows, (first tap, tap step, tap count)).
+
+    Input pixel h = phase + i*stride receives from tap r exactly when stride divides
+    h + padding - r*dilation, i.e. phase + padding - r*dilation: which taps depends on the phase only.
+    One launch per phase (stride_h * stride_w launches) then visits only the taps that contribute,
+    instead of masking (stride_h * stride_w - 1) / (stride_h * stride_w) of every gathered tile.
+    """
+    step = stride // math.gcd(stride, dilation)  # r and r + step hit the same phase
+    phases = []
+    for phase in range(min(stride, size)):
+        rows = triton.cdiv(size - phase, stride)
+        first = next((r for r in range(min(step, taps)) if (phase + padding - r * dilation) % stride == 0), None)
+        count = 0 if first is None else triton.cdiv(taps - first, step)
+        phases.append((phase, rows, (first or 0, step, count)))
+    return phases
+
+
 def conv_backward(
     grad_output: Tensor, input: Tensor, weight: Tensor, output: Tensor, preactivation: Tensor,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -677,17 +702,18 @@ def conv_backward(
             gz_src, gz_saved, gz_act = grad_residual, grad_residual, _NONE
     dot_precision = _dot_precision(input)
 
-    if need_input:
-        if C == 0:
-            pass
-        else:
-            grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)
-            _conv_grad_input_kernel[grid](
-                gz_src, gz_saved, weight, grad_input, *geometry,
-                *gz_src.stride(), *gz_saved.stride(), *weight.stride(), *grad_input.stride(),
-                negative_slope,
-                ACTIVATION=gz_act, FROM_OUTPUT=from_output, DOT_PRECISION=dot_precision,
-            )
+    if need_input and grad_input.numel() > 0:
+        for phase_h, rows_h, taps_h in _grad_input_phases(H, R, stride[0], padding[0], dilation[0]):
+            for phase_w, rows_w, taps_w in _grad_input_phases(W, S, stride[1], padding[1], dilation[1]):
+                rows = N * rows_h * rows_w
+                grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)
+                _conv_grad_input_kernel[grid](
+                    gz_src, gz_saved, weight, grad_input, *geometry,
+                    *gz_src.stride(), *gz_saved.stride(), *weight.stride(), *grad_input.stride(),
+                    phase_h, phase_w, rows_h, rows_w, *taps_h, *taps_w,
+                    negative_slope,
+                    ACTIVATION=gz_act, FROM_OUTPUT=from_output, DOT_PRECISION=dot_precision,
+                )
 
     if need_weight and grad_weight.numel() > 0:
         Kg = K // groups
