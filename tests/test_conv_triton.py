@@ -234,3 +234,21 @@ def test_resnet50_layers_bf16(N, C, H, W, K, R, S, stride, padding):
 def test_grouped_bf16_gpu(activation):
     case = make_case(8, 64, 28, 28, 128, 3, 3, (1, 1), (1, 1), (1, 1), 4, seed=12)
     check(case, torch.bfloat16, activation, channels_last=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_conv_grid_bf16_gpu(index):
+    """The interpreter grid in bf16 (its dots are wrong under the interpreter, so GPU only)."""
+    _, *sizes = CASES[index]
+    case = make_case(*sizes, residual=index % 2 == 0, seed=index)
+    check(case, torch.bfloat16, ACTIVATIONS[index % len(ACTIVATIONS)], channels_last=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_float32_gpu(channels_last):
+    """float32 on the GPU: TF32 dots exactly when torch's cuDNN convs use TF32, so stock and ours
+    round alike (the stock error is the yardstick either way)."""
+    case = make_case(8, 64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, seed=13)
+    check(case, torch.float32, "silu", channels_last=channels_last)
