@@ -164,6 +164,29 @@ def test_non_contiguous_input(poison_empty):
         assert_matches(name, ours.cpu(), stock, ref)
 
 
+def test_broadcast_grad_output(poison_empty):
+    """A grad_output with zero strides (what autograd passes for y.sum()) is read through its strides."""
+    case = make_case(*CASES[3][1:], seed=6)
+    case["grad_output"] = torch.full_like(case["grad_output"], 0.75)
+    (_, g64), (_, g_stock) = reference_and_stock(case, torch.float32, "sigmoid", 0.1)
+    x, y, z, _, _ = run_ours(case, torch.float32, "sigmoid", 0.1, False, (False,) * 4)
+    w = case["weight"].float().to(DEVICE)
+    dy = torch.tensor(0.75, device=DEVICE).expand(y.shape)
+    conv = case["conv"]
+    grads = conv_backward(dy, x, w, y, z, conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
+                          "sigmoid", 0.1, [True] * 4)
+    for name, ours, stock, ref in zip(GRAD_NAMES, grads, g_stock, g64):
+        assert_matches(name, ours.cpu(), stock, ref)
+
+
+def test_backward_bad_grad_output():
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    w = torch.randn(4, 4, 3, 3, device=DEVICE)
+    y, z = conv_forward(x, w, None, None, (1, 1), (1, 1), (1, 1), 1, "relu", 0.01, True)
+    with pytest.raises(RuntimeError, match="grad_output must be"):
+        conv_backward(y[:, :, :4], x, w, y, z, (1, 1), (1, 1), (1, 1), 1, "relu", 0.01, [True] * 4)
+
+
 def test_empty_batch(poison_empty):
     x = torch.randn(0, 4, 7, 5, device=DEVICE)
     w = torch.randn(6, 4, 3, 3, device=DEVICE)

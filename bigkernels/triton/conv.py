@@ -60,39 +60,47 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------- tile configs
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
-
-
+# Tiles by name: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). GROUP_M = 8 row tiles share
+# their column tiles in L2 (see _tile_ids).
 if _INTERPRETED:
     # One small tile: the interpreter runs numpy per block op, so the tests' tiny shapes need few
-    # programs and the autotuner must not benchmark anything.
-    _FORWARD_CONFIGS = _GRAD_INPUT_CONFIGS = _GRAD_WEIGHT_CONFIGS = [_config(32, 16, 16, 4, 1)]
+    # programs, and with one config the autotuner benchmarks nothing.
+    _FORWARD_TILES = _GRAD_INPUT_TILES = _GRAD_WEIGHT_TILES = {"interpreter": (32, 16, 16, 4, 1)}
 else:
-    # First choices for Hopper/Ampere, not yet tuned on a GPU. Tiles too large for shared memory in a
-    # dtype (fp32 with BLOCK_K=64 and 4 stages) fail to compile and the autotuner skips them.
-    _FORWARD_CONFIGS = [
-        _config(128, 128, 64, 8, 3),  # big layers: many pixels and >= 128 output channels
-        _config(128, 64, 64, 4, 4),   # 64-channel layers (ResNet stage 1) with many pixels
-        _config(64, 128, 64, 4, 4),   # late stages: few pixels (14x14, 7x7), many channels
-        _config(64, 64, 64, 4, 4),    # small layers: more programs to fill the SMs
-        _config(128, 128, 32, 4, 4),  # half the shared memory per stage (float32)
-        _config(128, 32, 32, 4, 4),   # few output channels (stems, grouped convs)
-        _config(128, 64, 16, 4, 4),   # thin reductions: the RGB stem (C = 3), few channels per group
-    ]
-    # The transposed conv has the same GEMM shape family (pixels x channels), so the same choices.
-    _GRAD_INPUT_CONFIGS = list(_FORWARD_CONFIGS)
-    # grad_weight tiles are (K x C) per tap, reduced over N*P*Q: long reductions favour deep K tiles.
-    _GRAD_WEIGHT_CONFIGS = [
-        _config(128, 128, 64, 8, 3),
-        _config(64, 64, 64, 4, 4),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 128, 4, 3),   # deeper reduction steps for small channel counts
-        _config(128, 128, 32, 4, 4),  # float32
-        _config(64, 16, 128, 4, 3),   # few input channels per group (the RGB stem)
-    ]
+    # First choices for Hopper/Ampere (bf16/fp16 at 16-byte loads), not yet tuned on a GPU. A tile
+    # too large for shared memory in some dtype (fp32 at BLOCK_K = 64 with 4 stages) fails to compile
+    # there and the autotuner skips it.
+    _FORWARD_TILES = {
+        "large": (128, 128, 64, 8, 3),        # many pixels and >= 128 output channels
+        "many_pixels": (128, 64, 64, 4, 4),   # 64-channel layers (ResNet stage 1) at 56x56
+        "many_channels": (64, 128, 64, 4, 4), # late stages: few pixels (14x14, 7x7), wide layers
+        "small": (64, 64, 64, 4, 4),          # small layers: more programs to fill the SMs
+        "fp32": (128, 128, 32, 4, 4),         # half the shared memory per stage for 4-byte data
+        "few_outputs": (128, 32, 32, 4, 4),   # few output channels per group (grouped convs)
+        "thin_reduction": (128, 64, 16, 4, 4),  # the RGB stem (C = 3), few input channels per group
+    }
+    # The transposed conv is the same GEMM family (pixels x channels, reduced over taps x channels).
+    _GRAD_INPUT_TILES = dict(_FORWARD_TILES)
+    # grad_weight tiles are (K x C) for one tap, reduced over N*P*Q pixels: long reductions.
+    _GRAD_WEIGHT_TILES = {
+        "large": (128, 128, 64, 8, 3),
+        "small": (64, 64, 64, 4, 4),
+        "tall": (128, 64, 64, 4, 4),          # more output than input channels (1x1 expand layers)
+        "wide": (64, 128, 64, 4, 4),          # more input than output channels (1x1 reduce layers)
+        "deep": (64, 64, 128, 4, 3),          # longer reduction steps when the channel tiles are few
+        "fp32": (128, 128, 32, 4, 4),         # half the shared memory per stage for 4-byte data
+        "thin_input": (64, 16, 128, 4, 3),    # few input channels per group (the RGB stem)
+    }
+
+
+def _configs(tiles: dict) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in tiles.values()]
+
+
+_FORWARD_CONFIGS = _configs(_FORWARD_TILES)
+_GRAD_INPUT_CONFIGS = _configs(_GRAD_INPUT_TILES)
+_GRAD_WEIGHT_CONFIGS = _configs(_GRAD_WEIGHT_TILES)
 
 # The grad_weight split length is a multiple of every config's BLOCK_K, so a split never ends inside
 # a reduction block (each block lies wholly in one split).
@@ -730,3 +738,19 @@ def conv_backward(
         if splits > 1:
             grad_weight.copy_(target.sum(0))  # fixed order: deterministic
     return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The tile the autotuner chose for each kernel and problem key so far, by name (for benchmark
+    reports): {kernel: {key: name}}."""
+    result = {}
+    for kernel_name, kernel, tiles in (("forward", _conv_forward_kernel, _FORWARD_TILES),
+                                       ("grad_input", _conv_grad_input_kernel, _GRAD_INPUT_TILES),
+                                       ("grad_weight", _conv_grad_weight_kernel, _GRAD_WEIGHT_TILES)):
+        names = {}
+        for key, config in getattr(kernel, "cache", {}).items():
+            k = config.kwargs
+            found = (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_warps, config.num_stages)
+            names[str(key)] = next((name for name, tile in tiles.items() if tile == found), str(found))
+        result[kernel_name] = names
+    return result
