@@ -4,6 +4,11 @@ activation in the test dtype). On CPU they run under the Triton interpreter (tes
 float32/float16 only (bf16 dots are wrong there); the `cuda` tests add bf16 at ResNet-50 shapes."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -229,6 +234,23 @@ def test_bad_input(bad, match):
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match=match):
         conv_forward(**args)
+
+
+def test_compiles_for_sm90():
+    """The GEMM kernels compile for sm_90 (no GPU needed) with their loads pipelined (cp.async, more
+    than one stage of shared memory) into wgmma dots, for channels_last bf16 (tests/triton_sm90_compile.py)."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_sm90_compile.py")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["kernel"] for r in results] == ["forward", "grad_input", "grad_weight", "gz"]
+    for r in results[:3]:
+        assert r["cp_async"] and r["wgmma"] and r["shared"] >= 2 * r["one_stage"], r
 
 
 # ------------------------------------------------------------------------------------ GPU only
