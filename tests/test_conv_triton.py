@@ -96,9 +96,13 @@ def check(case, dtype, activation, channels_last, negative_slope=0.1):
     (y64, g64), (y_stock, g_stock) = reference_and_stock(case, dtype, activation, negative_slope)
     x, y, z, grads, mask = run_ours(case, dtype, activation, negative_slope, channels_last)
     assert_matches("output", y.cpu(), y_stock, y64)
-    # Outputs keep the input's layout: channels_last in, channels_last out.
+    # Outputs keep the input's layout (channels_last in, channels_last out), like torch's conv.
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=layout)
+    conv = case["conv"]
+    torch_y = torch.nn.functional.conv2d(x, x.new_empty(case["weight"].shape), None, conv["stride"],
+                                         conv["padding"], conv["dilation"], conv["groups"])
+    assert y.stride() == torch_y.stride()
     needs_z = not triton_conv.grad_from_output(activation, negative_slope)
     assert z.shape == (y.shape if needs_z else (0,))
     for name, ours, stock, ref, wanted in zip(GRAD_NAMES, grads, g_stock, g64, mask):
@@ -123,6 +127,34 @@ def test_conv_grid(index, variant, poison_empty):
     activation = ACTIVATIONS[(2 * index + variant) % len(ACTIVATIONS)]
     case = make_case(*sizes, residual=(index + variant) % 2 == 0, bias=index % 3 != 1, seed=index)
     check(case, dtype, activation, channels_last)
+
+
+def random_geometry(seed):
+    """A random small conv geometry (sizes 1 to 9, kernels 1 to 4 (even ones too), strides 1 to 3,
+    padding up to 2, dilation 1 or 2, groups 1 to 3) whose output is not empty."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    while True:
+        groups = pick(1, 3)
+        C, K = groups * pick(1, 3), groups * pick(1, 3)
+        H, W, R, S = pick(1, 9), pick(1, 9), pick(1, 4), pick(1, 4)
+        stride, dilation = (pick(1, 3), pick(1, 3)), (pick(1, 2), pick(1, 2))
+        padding = (pick(0, 2), pick(0, 2))
+        P, Q = triton_conv.output_size((1, C, H, W), (K, C // groups, R, S), stride, padding, dilation)
+        if P >= 1 and Q >= 1:
+            return (pick(1, 2), C, H, W, K, R, S, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_geometries(seed, poison_empty):
+    """A seeded sweep over odd combinations the grid does not name (even kernels, stride 3,
+    padding wider than the kernel, 1-pixel inputs)."""
+    sizes = random_geometry(seed)
+    case = make_case(*sizes, residual=seed % 2 == 0, seed=seed)
+    check(case, torch.float32, ACTIVATIONS[seed % len(ACTIVATIONS)], channels_last=seed % 3 == 0)
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])

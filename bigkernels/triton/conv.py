@@ -27,8 +27,8 @@ are then contiguous, so the gathers become 16-byte loads that Triton pipelines (
 tensor-core dots. With NCHW tensors the same gathers are strided, element by element. (Checked by
 compiling for sm_90 without a GPU: channels_last input and weight give 3-stage cp.async pipelines and
 wgmma in all three GEMM kernels; an NCHW-contiguous weight leaves the weight loads unpipelined.) Outputs (y, z, grad_input, grad_residual)
-are allocated in the input's memory format (channels_last when the input is channels_last and not
-also NCHW-contiguous), grad_weight and grad_bias contiguous.
+are allocated in the input's memory format (input.suggest_memory_format(), as torch's conv does),
+grad_weight and grad_bias contiguous.
 
 dtypes: float16, bfloat16, float32 (float32 accumulation; float32 dots use TF32 exactly when torch's
 cuDNN convolutions would). CUDA tensors, or CPU tensors under the Triton interpreter
@@ -57,6 +57,14 @@ ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "leaky_re
 _NONE, _RELU, _GELU, _GELU_TANH, _SILU, _SIGMOID, _LEAKY_RELU = range(len(ACTIVATIONS))
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:  # the Python twin of ATen's Tensor::suggest_memory_format (torch >= 2.0)
+    from torch._prims_common import suggest_memory_format as _suggest_memory_format
+except ImportError:  # pragma: no cover - a future torch that moved it: the unambiguous cases only
+    def _suggest_memory_format(t: Tensor) -> torch.memory_format:
+        if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------- tile configs
@@ -483,11 +491,10 @@ def _dot_precision(t: Tensor) -> str:
 
 
 def _memory_format(input: Tensor) -> torch.memory_format:
-    """The outputs' layout: channels_last for a channels_last input (one that is not also
-    NCHW-contiguous, as when C == 1 or H == W == 1), else NCHW-contiguous."""
-    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    """The outputs' layout: the one ATen's input.suggest_memory_format() names, as torch's own conv
+    does (channels_last for channels_last strides, also in the ambiguous cases C == 1 or H == W == 1,
+    decided by the strides), else NCHW-contiguous."""
+    return _suggest_memory_format(input)
 
 
 def _pair(value: Sequence[int], name: str, op: str) -> tuple[int, int]:
