@@ -129,7 +129,9 @@ _GZ_TARGET_PROGRAMS = 512 if not _INTERPRETED else 2
 assert all(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) >= 16
            for c in _FORWARD_CONFIGS + _GRAD_INPUT_CONFIGS + _GRAD_WEIGHT_CONFIGS)
 
-# Autotune keys: the problem's shape (the dtypes of the tensor arguments are added by the autotuner).
+# Autotune keys: the problem's shape (the dtypes of the tensor arguments are added by the autotuner),
+# and the channel strides of the gathered tensors, so that NCHW and channels_last calls (strided vs
+# 16-byte loads) are tuned apart.
 _KEY = ["N", "Cg", "H", "W", "Kg", "P", "Q", "R", "S", "stride_h", "stride_w"]
 
 
@@ -221,7 +223,7 @@ def _tile_ids(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------ forward
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_KEY)
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_KEY + ["sx_c", "sw_c"])
 @triton.jit
 def _conv_forward_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr,
@@ -294,7 +296,7 @@ def _conv_forward_kernel(
 
 
 # ------------------------------------------------------------------------------------- grad_input
-@triton.autotune(configs=_GRAD_INPUT_CONFIGS, key=_KEY)
+@triton.autotune(configs=_GRAD_INPUT_CONFIGS, key=_KEY + ["sdy_k", "sw_c"])
 @triton.jit
 def _conv_grad_input_kernel(
     dy_ptr, saved_ptr, w_ptr, dx_ptr,
@@ -363,7 +365,7 @@ def _conv_grad_input_kernel(
 
 
 # ------------------------------------------------------------------------------------ grad_weight
-@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_KEY + ["split_length"])
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_KEY + ["sdy_k", "sx_c", "split_length"])
 @triton.jit
 def _conv_grad_weight_kernel(
     dy_ptr, saved_ptr, x_ptr, dw_ptr,
