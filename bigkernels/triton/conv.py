@@ -10,12 +10,14 @@ straight from the 4-D tensors with masks for padding, stride and dilation.
   epilogue adds bias and residual, stores the pre-activation z when the backward will need it, applies
   the activation and stores y: one kernel, one write of the output.
 - grad_input: the transposed convolution as an implicit GEMM over input pixels: rows = N*H*W, columns
-  = C/groups, reduction = R*S*K/groups; for tap (r, s) an input pixel h receives from output row
-  p = (h + pad - r*dil) / stride when that division is exact and in range (masked otherwise).
+  = C/groups, reduction = taps x K/groups; for tap (r, s) an input pixel h receives from output row
+  p = (h + pad - r*dil) / stride when that division is exact and p is in range. Which taps divide
+  exactly depends only on h mod stride, so there is one launch per stride phase, over only the taps
+  that contribute to it (no work masked away for stride 2; see _grad_input_phases).
 - grad_weight: rows = K/groups, columns = C/groups for one tap (r, s) per program, reduction over the
   N*P*Q output pixels, split over several programs when there are few output tiles (each split writes
   float32 partial sums, added afterwards in a fixed order: deterministic, no atomics).
-- Both gradient GEMMs form gz = dy * act'(z) (or act'(y), see _grad_from_output) in their loads: there
+- Both gradient GEMMs form gz = dy * act'(z) (or act'(y), see grad_from_output) in their loads: there
   is no separate pass over the output gradient. grad_bias (a deterministic reduction of gz) and
   grad_residual (= gz) come from one small pointwise kernel; when grad_residual is materialised the
   GEMMs read it instead of recomputing act'.
@@ -26,9 +28,14 @@ a copy (nothing is converted per call). channels_last is the fast layout, for th
 are then contiguous, so the gathers become 16-byte loads that Triton pipelines (cp.async) into the
 tensor-core dots. With NCHW tensors the same gathers are strided, element by element. (Checked by
 compiling for sm_90 without a GPU: channels_last input and weight give 3-stage cp.async pipelines and
-wgmma in all three GEMM kernels; an NCHW-contiguous weight leaves the weight loads unpipelined.) Outputs (y, z, grad_input, grad_residual)
-are allocated in the input's memory format (input.suggest_memory_format(), as torch's conv does),
-grad_weight and grad_bias contiguous.
+wgmma in all three GEMM kernels; an NCHW-contiguous weight leaves the weight loads unpipelined:
+tests/triton_sm90_compile.py.) Outputs (y, z, grad_input, grad_residual) are allocated in the input's
+memory format (input.suggest_memory_format(), as torch's conv does); grad_weight and grad_bias are
+contiguous.
+
+Known costs: tiles are at least 16 channels wide (tl.dot's minimum), so groups with fewer channels
+(depthwise, ResNeXt-style groups of 4 or 8) waste most of each dot; depthwise calls on CUDA go to the
+direct bigkernels::conv_depthwise kernels instead.
 
 dtypes: float16, bfloat16, float32 (float32 accumulation; float32 dots use TF32 exactly when torch's
 cuDNN convolutions would). CUDA tensors, or CPU tensors under the Triton interpreter
