@@ -112,6 +112,8 @@ def check(case, dtype, activation, channels_last, negative_slope=0.1):
             assert ours.shape == (0,), f"{name} not asked for, must be empty"
     if mask[0]:
         assert grads[0].is_contiguous(memory_format=layout)
+    if mask[1]:  # the parameter's own layout, so AccumulateGrad keeps it as it is
+        assert grads[1].is_contiguous(memory_format=layout)
 
 
 # Each geometry in two (layout, dtype) variants, alternating over the cases so that all four pairs

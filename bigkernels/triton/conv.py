@@ -30,8 +30,8 @@ tensor-core dots. With NCHW tensors the same gathers are strided, element by ele
 compiling for sm_90 without a GPU: channels_last input and weight give 3-stage cp.async pipelines and
 wgmma in all three GEMM kernels; an NCHW-contiguous weight leaves the weight loads unpipelined:
 tests/triton_sm90_compile.py.) Outputs (y, z, grad_input, grad_residual) are allocated in the input's
-memory format (input.suggest_memory_format(), as torch's conv does); grad_weight and grad_bias are
-contiguous.
+memory format (input.suggest_memory_format(), as torch's conv does); grad_weight in the weight's
+(weight.suggest_memory_format()); grad_bias contiguous.
 
 Known costs: tiles are at least 16 channels wide (tl.dot's minimum), so groups with fewer channels
 (depthwise, ResNeXt-style groups of 4 or 8) waste most of each dot; depthwise calls on CUDA go to the
@@ -662,8 +662,8 @@ def conv_backward(
     leaky_relu with slope <= 0, which need z). output_mask = (input, weight, bias, residual) says which
     to compute; the others are empty (0,) tensors.
 
-    Returns (grad_input (N, C, H, W) in the input's memory format, grad_weight (K, C/groups, R, S)
-    contiguous, grad_bias (K,), grad_residual (N, K, P, Q) in the input's memory format).
+    Returns (grad_input (N, C, H, W) in the input's memory format, grad_weight (K, C/groups, R, S) in
+    the weight's, grad_bias (K,), grad_residual (N, K, P, Q) in the input's memory format).
     """
     sizes, stride, padding, dilation = _check_conv(input, weight, stride, padding, dilation, groups, _BACKWARD_OP)
     N, C, H, W, K, Cg, R, S, P, Q = sizes
@@ -687,7 +687,10 @@ def conv_backward(
     # Distinct empties: a custom op's outputs must not alias each other.
     grad_input = (torch.empty((N, C, H, W), dtype=input.dtype, device=device, memory_format=fmt)
                   if need_input else input.new_empty((0,)))
-    grad_weight = input.new_empty((K, Cg, R, S)) if need_weight else input.new_empty((0,))
+    # In the weight's layout: AccumulateGrad would otherwise copy it into the parameter's strides.
+    grad_weight = (torch.empty((K, Cg, R, S), dtype=input.dtype, device=device,
+                               memory_format=_suggest_memory_format(weight))
+                   if need_weight else input.new_empty((0,)))
     grad_bias = input.new_empty((K,)) if need_bias else input.new_empty((0,))
     grad_residual = (torch.empty(out_shape, dtype=input.dtype, device=device, memory_format=fmt)
                      if need_residual else input.new_empty((0,)))
