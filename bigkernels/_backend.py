@@ -29,6 +29,8 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
     "lstm": ("cuda", "triton"),
+    # lstm_ext (layer norm / zoneout): Triton only; the "cuda" backend runs the Triton op too.
+    "lstm_ext": ("triton",),
 }
 
 

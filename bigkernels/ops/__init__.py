@@ -6,4 +6,7 @@ bigkernels.nn.functional.
 """
 from bigkernels.ops import lstm, lstm_cell  # noqa: F401  (registers the ops' fake/autograd kernels)
 
-__all__ = ["lstm", "lstm_cell"]
+# lstm_ext: the layer-norm / zoneout options of bigkernels.nn.LSTM.
+from bigkernels.ops import lstm_ext  # noqa: F401,E402
+
+__all__ = ["lstm", "lstm_cell", "lstm_ext"]
