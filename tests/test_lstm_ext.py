@@ -117,8 +117,8 @@ def test_reference_without_options_is_the_plain_layer():
 
 # ----------------------------------------------------------------------------------- gradcheck
 GRADCHECK = [
-    pytest.param((3, 3, 2, 4, 0, (3, 2, 1)), True, (0.3, 0.4), True, id="ln-zoneout-packed-rev"),
-    pytest.param((3, 2, 2, 5, 3, None), True, 0.3, False, id="ln-proj-zoneout-eval"),
+    pytest.param((3, 3, 2, 3, 0, (3, 2, 1)), True, (0.3, 0.4), True, id="ln-zoneout-packed-rev"),
+    pytest.param((2, 2, 2, 4, 2, None), True, 0.3, False, id="ln-proj-zoneout"),
     pytest.param((3, 2, 3, 4, 2, None), False, (0.4, 0.5), False, id="zoneout-proj"),
 ]
 
@@ -135,7 +135,7 @@ def test_gradcheck_cpu_float64(shape, layer_norm, zoneout, reverse):
         outs, _ = run(dict(case, **dict(zip(names, tensors))), batch_sizes, reverse, zoneout, True, 7, "cpu")
         return outs
 
-    assert torch.autograd.gradcheck(fn, [case[k] for k in names])
+    assert torch.autograd.gradcheck(fn, [case[k] for k in names], fast_mode=True)
 
 
 # ------------------------------------------------------------------------------------- opcheck
