@@ -52,29 +52,37 @@ def lstm_layer(
     last step. P = w_hr.shape[0] with a projection (h = (o * tanh(c)) @ w_hr^T), else H.
     reverse runs the steps from last to first (the backward direction of a bidirectional LSTM).
     """
-    if batch_sizes is None:
-        sizes = [input.shape[1]] * input.shape[0]
-        steps = list(input.unbind(0))
-    else:
-        sizes = [int(n) for n in batch_sizes.tolist()]
-        steps = list(input.split(sizes, dim=0))
+    sizes, offsets, order = _schedule(input, batch_sizes, reverse)
+    rows = input.reshape(-1, input.shape[-1])
     h, c = h0, c0
     outputs: list[Tensor | None] = [None] * len(sizes)
-    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in order:
         n = sizes[t]
         # Rows past n are finished (forward) or not yet started (reverse): their state is kept.
-        hy, cy = lstm_cell(steps[t], h[:n], c[:n], w_ih, w_hh, b_ih, b_hh)
+        hy, cy = lstm_cell(rows[offsets[t]:offsets[t] + n], h[:n], c[:n], w_ih, w_hh, b_ih, b_hh)
         if w_hr is not None:
             hy = hy @ w_hr.t()
         outputs[t] = hy
         h = torch.cat([hy, h[n:]])
         c = torch.cat([cy, c[n:]])
+    return _join_steps(outputs, input, batch_sizes, h0), h, c
+
+
+def _schedule(input: Tensor, batch_sizes: Tensor | None, reverse: bool) -> tuple[list[int], list[int], range]:
+    """(rows of step t, first row of step t in the [rows, *] layout, steps in processing order)."""
     if batch_sizes is None:
-        output = torch.stack(outputs) if outputs else input.new_empty((0, h0.shape[0], h0.shape[1]))
+        sizes = [input.shape[1]] * input.shape[0]
     else:
-        output = torch.cat(outputs) if outputs else input.new_empty((0, h0.shape[1]))
-    return output, h, c
+        sizes = [int(n) for n in batch_sizes.tolist()]
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    return sizes, offsets, range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+
+
+def _join_steps(outputs: list, input: Tensor, batch_sizes: Tensor | None, h0: Tensor) -> Tensor:
+    """The per-step outputs as [T, B, P] (padded) or [N, P] (packed)."""
+    if batch_sizes is None:
+        return torch.stack(outputs) if outputs else input.new_empty((0, h0.shape[0], h0.shape[1]))
+    return torch.cat(outputs) if outputs else input.new_empty((0, h0.shape[1]))
 
 
 LAYER_NORM_EPS = 1e-5  # the LayerNorm epsilon of the layer-normalised LSTM (torch's LayerNorm default)
@@ -121,18 +129,13 @@ def lstm_layer_ext(
         pre = norm(pre, (4 * hidden,), ln_ih_w, ln_ih_b, LAYER_NORM_EPS)
     if b_ih is not None:
         pre = pre + b_ih + b_hh
-    if batch_sizes is None:
-        sizes = [input.shape[1]] * input.shape[0]
-    else:
-        sizes = [int(n) for n in batch_sizes.tolist()]
-    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    sizes, offsets, order = _schedule(input, batch_sizes, reverse)
 
     def keep(mask: Tensor | None, p: float, t: int, n: int) -> Tensor | float:
         return mask[offsets[t]:offsets[t] + n] if mask is not None else p
 
     h, c = h0, c0
     outputs: list[Tensor | None] = [None] * len(sizes)
-    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in order:
         n = sizes[t]
         rec = h[:n] @ w_hh.t()
@@ -150,11 +153,7 @@ def lstm_layer_ext(
         outputs[t] = h_new
         h = torch.cat([h_new, h[n:]])
         c = torch.cat([c_new, c[n:]])
-    if batch_sizes is None:
-        output = torch.stack(outputs) if outputs else input.new_empty((0, h0.shape[0], h0.shape[1]))
-    else:
-        output = torch.cat(outputs) if outputs else input.new_empty((0, h0.shape[1]))
-    return output, h, c
+    return _join_steps(outputs, input, batch_sizes, h0), h, c
 
 
 def attention(

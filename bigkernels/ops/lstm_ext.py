@@ -33,6 +33,7 @@ from torch import Tensor
 
 from bigkernels import _backend, _extension, reference
 from bigkernels.ops._checks import check_like, check_shape, check_tensor
+from bigkernels.ops._dispatch import autocast_args, needs_workspace
 from bigkernels.ops.lstm import _check_arguments as _check_lstm_arguments
 
 OP = "lstm_ext"
@@ -209,13 +210,12 @@ def lstm_layer_ext(
     """
     zoneout_cell, zoneout_hidden = zoneout_pair(zoneout)
     check_tensor(input, "input")
-    device_type = input.device.type
-    args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) + tuple(layer_norm or ())
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)  # as bigkernels.ops.lstm: the autocast dtype
-        args = tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in args)
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args[:8]
-        layer_norm = tuple(args[8:]) if layer_norm is not None else None
+    # As bigkernels.ops.lstm: the autocast dtype on both devices, LayerNorm parameters included.
+    args = autocast_args((input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) + tuple(layer_norm or ()), input.device,
+                         ("cuda", "cpu"))
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args[:8]
+    if layer_norm is not None:
+        layer_norm = tuple(args[8:])
     # Always checked (this path is not the batch-1 hot loop); batch_sizes' values only in eager mode.
     _check_lstm_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                           check_values=not torch.compiler.is_compiling())
@@ -236,7 +236,6 @@ def lstm_layer_ext(
     # "cuda" has no kernel of its own for these options: the Triton op is the GPU path.
     op = torch.ops.bigkernels.lstm_ext.default if backend == "cpu" else torch.ops.bigkernels.lstm_ext_triton.default
     ln = tuple(layer_norm) if layer_norm is not None else (None,) * 6
-    need_workspace = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
     output, h_n, c_n, _, _, _ = op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, cell_mask,
-                                   hidden_mask, zoneout_cell, zoneout_hidden, reverse, need_workspace)
+                                   hidden_mask, zoneout_cell, zoneout_hidden, reverse, needs_workspace(args))
     return output, h_n, c_n
