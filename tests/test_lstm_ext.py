@@ -364,3 +364,36 @@ def test_direct_op_refuses_bad_masks_and_probabilities():
     some_ln[11] = None
     with pytest.raises(RuntimeError, match="layer-norm parameters must all be given or all be None"):
         torch.ops.bigkernels.lstm_ext(*some_ln)
+
+
+def test_module_unbatched_and_empty_sequence():
+    """Unbatched input is batch 1; an empty sequence returns the initial state (as the plain module)."""
+    model = bigkernels.nn.LSTM(3, 5, layer_norm=True, zoneout=0.2).eval()
+    x = torch.randn(4, 3)
+    h0, c0 = torch.randn(1, 5), torch.randn(1, 5)
+    out, (h, c) = model(x, (h0, c0))
+    out_b, (h_b, c_b) = model(x.unsqueeze(1), (h0.unsqueeze(1), c0.unsqueeze(1)))
+    torch.testing.assert_close(out, out_b.squeeze(1))
+    torch.testing.assert_close(h, h_b.squeeze(1))
+    empty, (h_e, c_e) = model(torch.randn(0, 2, 3), (h0.expand(1, 2, 5), c0.expand(1, 2, 5)))
+    assert empty.shape == (0, 2, 5)
+    torch.testing.assert_close(h_e, h0.expand(1, 2, 5))
+    torch.testing.assert_close(c_e, c0.expand(1, 2, 5))
+
+
+@pytest.mark.triton
+def test_triton_module_bidirectional_packed():
+    """The module on the Triton backend (interpreter on CPU): 2 layers, bidirectional, packed."""
+    kwargs = dict(input_size=2, hidden_size=4, num_layers=2, bidirectional=True, layer_norm=True, zoneout=(0.2, 0.3))
+    ours, _ = _module_pair(**kwargs)
+    ours.to(TRITON_DEVICE)
+    x = pack_padded_sequence(torch.randn(3, 2, 2, device=TRITON_DEVICE), torch.tensor([3, 2]))
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(5)
+        with bigkernels.use_backend(backend):
+            out, (h, c) = ours(x)
+            grads = torch.autograd.grad(out.data.square().sum() + h.sum() + c.sum(), list(ours.parameters()))
+        results.append([out.data, h, c, *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -105,21 +105,27 @@ lstm_ext_backward_triton.register_fake(_fake_backward)
 
 # ------------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, _ln_ih_b, ln_hh_w, _ln_hh_b, ln_c_w, ln_c_b,
+    (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
      cell_mask, hidden_mask, zoneout_cell, zoneout_hidden, reverse, _need_workspace) = inputs
     out, _h_n, _c_n, gates, cells, norms = output
-    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, _ln_ih_b, ln_hh_w,
-                          _ln_hh_b, ln_c_w, ln_c_b, cell_mask, hidden_mask, out, gates, cells, norms)
+    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, ln_ih_b, ln_hh_w,
+                          ln_hh_b, ln_c_w, ln_c_b, cell_mask, hidden_mask, out, gates, cells, norms)
     ctx.scalars = (zoneout_cell, zoneout_hidden, reverse)
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells, _grad_norms):
+def _make_backward(forward_op, backward_op):
+    """The autograd formula of `forward_op`, calling `backward_op` (each forward op its own backward,
+    whatever backend is selected when the backward runs)."""
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells, _grad_norms):
+        return _backward(forward_op(), backward_op(), ctx, grad_output, grad_h_n, grad_c_n)
+
+    return backward
+
+
+def _backward(forward_op, backward_op, ctx, grad_output, grad_h_n, grad_c_n):
     (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
      cell_mask, hidden_mask, out, gates, cells, norms) = ctx.saved_tensors
     zoneout_cell, zoneout_hidden, reverse = ctx.scalars
-    triton = input.device.type != "cpu" or _backend.requested() == "triton"
-    forward_op = torch.ops.bigkernels.lstm_ext_triton if triton else torch.ops.bigkernels.lstm_ext
-    backward_op = torch.ops.bigkernels.lstm_ext_backward_triton if triton else torch.ops.bigkernels.lstm_ext_backward
     if gates.dim() == 1:  # forward ran without the workspace: recompute it rather than fail
         out, _, _, gates, cells, norms = forward_op(
             input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w,
@@ -138,12 +144,20 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells, _g
     return tuple(g if need[k] else None for k, g in enumerate(grads)) + (None,) * 6
 
 
-torch.library.register_autograd("bigkernels::lstm_ext_triton", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "bigkernels::lstm_ext_triton",
+    _make_backward(lambda: torch.ops.bigkernels.lstm_ext_triton, lambda: torch.ops.bigkernels.lstm_ext_backward_triton),
+    setup_context=_setup_context,
+)
 
 if _extension.AVAILABLE:
     torch.library.register_fake("bigkernels::lstm_ext")(_fake_forward)
     torch.library.register_fake("bigkernels::lstm_ext_backward")(_fake_backward)
-    torch.library.register_autograd("bigkernels::lstm_ext", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "bigkernels::lstm_ext",
+        _make_backward(lambda: torch.ops.bigkernels.lstm_ext, lambda: torch.ops.bigkernels.lstm_ext_backward),
+        setup_context=_setup_context,
+    )
 
 
 # ----------------------------------------------------------------------------------- public API
