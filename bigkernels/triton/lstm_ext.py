@@ -102,13 +102,13 @@ def _ext_step_forward_kernel(
             k_c = tl.load(mask_c_ptr + h1, mask=m, other=0.0).to(ACC_DTYPE)
         else:
             k_c = keep_c
-        c = c + k_c * (c_prev - c)
+        c = (1 - k_c) * c + k_c * c_prev  # exactly c_{t-1} where the mask keeps it
     if ZONE_H:
         if MASK_H:
             k_h = tl.load(mask_h_ptr + h1, mask=m, other=0.0).to(ACC_DTYPE)
         else:
             k_h = keep_h
-        h = h + k_h * (tl.load(h_prev_ptr + h1, mask=m, other=0.0).to(ACC_DTYPE) - h)
+        h = (1 - k_h) * h + k_h * tl.load(h_prev_ptr + h1, mask=m, other=0.0).to(ACC_DTYPE)
     tl.store(c_out_ptr + h1, c.to(c_out_ptr.dtype.element_ty), mask=m)
     tl.store(h_out_ptr + h1, h.to(h_out_ptr.dtype.element_ty), mask=m)
     if STORE_WORKSPACE:

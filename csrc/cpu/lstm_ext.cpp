@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../common/lstm_layer.h"
+#include "fast_math.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -31,24 +32,26 @@ constexpr double kLayerNormEps = 1e-5;
 // Row elements per parallel task: below this, waking threads costs more than it saves.
 constexpr int64_t kRowGrain = 16384;
 
+// Arithmetic type of the pointwise passes: float for bfloat16, double for float64, and for float32
+// double with layer norm, float without. LayerNorm's row sums, normalisation and backward
+// combination (x - mean, dn - mean(dn) - n * mean(dn * n)) cancel, and the result is multiplied by
+// 1/std: in float arithmetic that measured several times the error of the same maths in float32
+// torch ops, in double it adds nothing beyond storing the results. Without layer norm float is as
+// accurate and vectorises.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 // What each step's pointwise passes read and write. All row-major with row strides 4H (pre, rec,
 // gates, grad_pre, grad_rec), H (c/h states, masks, dl) or E (norms); pointers at the step's row 0.
-// Arithmetic type of the pointwise passes: double for float32 and float64, float for bfloat16.
-// A row's LayerNorm statistics and its backward's row means are sums whose float32 rounding is
-// then multiplied by 1/std; in double the passes add no error beyond storing their results.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, c10::BFloat16>, float, double>;
-
 template <typename T>
 struct StepArgs {
-  using A = acc_t<T>;
   const T* pre;      // [n, 4H] LN_ih(x w_ih^T) + every constant term
   T* rec;            // [n, 4H] h_{t-1} @ w_hh^T (forward) / grad_rec out (backward, with LN)
   const T* c_prev;   // [n, H]
   const T* h_prev;   // [n, H] (forward, hidden zoneout inside the pass only)
   const T* mask_c;   // [n, H] keep mask or null (then keep_c)
   const T* mask_h;   // [n, H] keep mask or null (then keep_h)
-  A keep_c, keep_h;
+  double keep_c, keep_h;
   bool zone_c, zone_h;  // blend c / h at all (a mask, or a non-zero constant)
   const T* g_hh;     // LN gains (null without layer norm)
   const T* g_c;
@@ -66,17 +69,23 @@ struct StepArgs {
   int64_t n, H, E;
 };
 
-// libm's exp/tanh rather than fast_math.h's approximations (~1e-7 absolute): LayerNorm's backward
-// multiplies errors by 1/std, which is large for rows of nearly equal values.
-template <typename A>
-inline A sigmoid_exact(A x) { return A(1) / (A(1) + std::exp(-x)); }
-template <typename A>
-inline A tanh_exact(A x) { return std::tanh(x); }
+// The activations: fast_math.h's float versions (vectorisable, ~1e-7 absolute, below the rounding
+// of the stored result) for float32 and bfloat16 storage; libm for float64, the gradcheck dtype.
+template <typename T, typename A>
+inline A sigmoid_of(A x) {
+  if constexpr (std::is_same_v<T, double>) return sigmoid_fast(x);
+  else return A(sigmoid_fast(float(x)));
+}
+template <typename T, typename A>
+inline A tanh_of(A x) {
+  if constexpr (std::is_same_v<T, double>) return tanh_fast(x);
+  else return A(tanh_fast(float(x)));
+}
 
 template <typename A, typename T>
 inline A ld(const T* p, int64_t i) { return static_cast<A>(p[i]); }
 
-// Mean and 1/sqrt(var + eps) of v[0..m), two passes (the values are O(1)-O(10) pre-activations).
+// Mean and 1/sqrt(var + eps) of v[0..m), two passes.
 template <typename A>
 inline void row_stats(const A* v, int64_t m, A& mean, A& rstd) {
   A s = 0;
@@ -87,9 +96,8 @@ inline void row_stats(const A* v, int64_t m, A& mean, A& rstd) {
   rstd = A(1) / std::sqrt(q / A(m) + A(kLayerNormEps));
 }
 
-template <typename T>
+template <typename T, typename A>
 void forward_rows(const StepArgs<T>& s, int64_t r0, int64_t r1) {
-  using A = acc_t<T>;
   const int64_t H = s.H, G = 4 * H;
   std::vector<A> a(G), cc(H);
   for (int64_t b = r0; b < r1; ++b) {
@@ -109,9 +117,9 @@ void forward_rows(const StepArgs<T>& s, int64_t r0, int64_t r1) {
     }
     const T* cp = s.c_prev + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      const A i = sigmoid_exact(a[j] + ld<A>(pre, j)), f = sigmoid_exact(a[H + j] + ld<A>(pre, H + j)),
-              g = tanh_exact(a[2 * H + j] + ld<A>(pre, 2 * H + j)),
-              o = sigmoid_exact(a[3 * H + j] + ld<A>(pre, 3 * H + j));
+      const A i = sigmoid_of<T>(a[j] + ld<A>(pre, j)), f = sigmoid_of<T>(a[H + j] + ld<A>(pre, H + j)),
+              g = tanh_of<T>(a[2 * H + j] + ld<A>(pre, 2 * H + j)),
+              o = sigmoid_of<T>(a[3 * H + j] + ld<A>(pre, 3 * H + j));
       if (s.gates) {
         T* gw = s.gates + b * G;
         gw[j] = T(i), gw[H + j] = T(f), gw[2 * H + j] = T(g), gw[3 * H + j] = T(o);
@@ -130,14 +138,14 @@ void forward_rows(const StepArgs<T>& s, int64_t r0, int64_t r1) {
       } else if (nrm) {
         nrm[j] = T(cc[j]);
       }
-      A h = a[3 * H + j] * tanh_exact(l), c = cc[j];
+      A h = a[3 * H + j] * tanh_of<T>(l), c = cc[j];
       if (s.zone_c) {
         const A k = s.mask_c ? ld<A>(s.mask_c, b * H + j) : s.keep_c;
-        c += k * (ld<A>(cp, j) - c);
+        c = (A(1) - k) * c + k * ld<A>(cp, j);  // exactly c_{t-1} where the mask keeps it
       }
       if (s.zone_h) {
         const A k = s.mask_h ? ld<A>(s.mask_h, b * H + j) : s.keep_h;
-        h += k * (ld<A>(s.h_prev, b * H + j) - h);
+        h = (A(1) - k) * h + k * ld<A>(s.h_prev, b * H + j);
       }
       s.c_out[b * H + j] = T(c);
       s.h_out[b * H + j] = T(h);
@@ -146,9 +154,8 @@ void forward_rows(const StepArgs<T>& s, int64_t r0, int64_t r1) {
   }
 }
 
-template <typename T>
+template <typename T, typename A>
 void backward_rows(const StepArgs<T>& s, int64_t r0, int64_t r1) {
-  using A = acc_t<T>;
   const int64_t H = s.H, G = 4 * H;
   std::vector<A> d_o(H), d_l(H), d_cc(H), dn(s.g_hh ? G : 0);
   for (int64_t b = r0; b < r1; ++b) {
@@ -164,7 +171,7 @@ void backward_rows(const StepArgs<T>& s, int64_t r0, int64_t r1) {
         dh *= A(1) - k;
       }
       const A l = s.g_hh ? ld<A>(s.g_c, j) * ld<A>(nrm, G + j) + ld<A>(s.b_c, j) : ld<A>(nrm, j);
-      const A tl = tanh_exact(l), o = ld<A>(gw, 3 * H + j);
+      const A tl = tanh_of<T>(l), o = ld<A>(gw, 3 * H + j);
       d_o[j] = dh * tl;
       d_l[j] = dh * o * (A(1) - tl * tl);
       A dct = ld<A>(dc, j);
@@ -342,7 +349,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       a.gates = need_workspace ? gates.mutable_data_ptr<T>() + off * 4 * H : nullptr;
       a.norms = need_workspace ? norms.mutable_data_ptr<T>() + off * E : nullptr;
       a.n = n, a.H = H, a.E = E;
-      at::parallel_for(0, n, row_grain(H), [&](int64_t r0, int64_t r1) { forward_rows<T>(a, r0, r1); });
+      const bool wide = std::is_same_v<T, float> && o.layer_norm();  // see acc_t
+      at::parallel_for(0, n, row_grain(H), [&](int64_t r0, int64_t r1) {
+        if (wide) forward_rows<T, double>(a, r0, r1);
+        else forward_rows<T, acc_t<T>>(a, r0, r1);
+      });
     });
     if (proj) {
       at::mm_out(out_t, h_new, w_hr->t());
@@ -437,7 +448,11 @@ lstm_ext_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       a.grad_pre = grad_pre.mutable_data_ptr<T>() + off * 4 * H;
       a.dl = ln ? dl_all.mutable_data_ptr<T>() + off * H : nullptr;
       a.n = n, a.H = H, a.E = E;
-      at::parallel_for(0, n, row_grain(H), [&](int64_t r0, int64_t r1) { backward_rows<T>(a, r0, r1); });
+      const bool wide = std::is_same_v<T, float> && ln;  // see acc_t
+      at::parallel_for(0, n, row_grain(H), [&](int64_t r0, int64_t r1) {
+        if (wide) backward_rows<T, double>(a, r0, r1);
+        else backward_rows<T, acc_t<T>>(a, r0, r1);
+      });
     });
     at::Tensor dh_prev = dh.narrow(0, 0, n);
     const at::Tensor dg = grad_rec.narrow(0, off, n);
