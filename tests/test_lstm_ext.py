@@ -397,3 +397,14 @@ def test_triton_module_bidirectional_packed():
         results.append([out.data, h, c, *grads])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_autocast_cpu_runs_in_the_autocast_dtype():
+    """As stock nn.LSTM under CPU autocast: bfloat16 outputs, float32 gradients of the parameters."""
+    model = bigkernels.nn.LSTM(3, 5, layer_norm=True, zoneout=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = model(torch.randn(4, 2, 3))
+    assert out.dtype == h.dtype == c.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert model.layer_norm_cell_weight_l0.grad.dtype == torch.float32
+    assert torch.isfinite(model.layer_norm_hh_weight_l0.grad).all()
