@@ -33,6 +33,8 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "attention": ("triton",),
     # conv (issue 5): Triton implicit GEMM; depthwise calls are routed in bigkernels/ops/conv.py.
     "conv": ("triton",),
+    # lstm_ext (layer norm / zoneout): Triton only; the "cuda" backend runs the Triton op too.
+    "lstm_ext": ("triton",),
 }
 
 

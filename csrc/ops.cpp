@@ -83,6 +83,32 @@ TORCH_LIBRARY(bigkernels, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, float negative_slope, "
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // ---- end conv ----
+  // ---- lstm_ext (bigkernels/ops/lstm_ext.py): lstm with a layer-normalised cell and/or zoneout.
+  // Its own op so that the default lstm path and schema stay as they are. Maths:
+  // bigkernels.reference.lstm_layer_ext. Arguments as lstm, plus: ln_* the LayerNorm gains/biases
+  // ([4H] ih, [4H] hh, [H] cell; all six or none); cell_mask [rows, H] / hidden_mask [rows, P] the
+  // zoneout keep masks (training), else the constant keep weights zoneout_cell / zoneout_hidden
+  // (evaluation; 0 = no zoneout). Workspace: gates [rows, 4H], cells [rows, H] (c_t after zoneout),
+  // norms [rows, 5H + 2] (LN_hh's normalised input [4H], LN_c's [H], their two 1/std) with layer
+  // norm, else [rows, H] (the candidate cell c~); all empty when not need_workspace.
+  m.def(
+      "lstm_ext(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? ln_ih_w, Tensor? ln_ih_b, Tensor? ln_hh_w, "
+      "Tensor? ln_hh_b, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? cell_mask, Tensor? hidden_mask, "
+      "float zoneout_cell, float zoneout_hidden, bool reverse, bool need_workspace) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor norms)");
+  // Backward of lstm_ext: every gradient is computed. grad_bias is also the gradient of b_hh and
+  // of the two LN betas ln_ih_b and ln_hh_b (all are added to the gate pre-activations); the LN
+  // gradients are empty without layer norm, grad_w_hr without a projection.
+  m.def(
+      "lstm_ext_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? ln_ih_w, Tensor? ln_hh_w, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? cell_mask, "
+      "Tensor? hidden_mask, float zoneout_cell, float zoneout_hidden, bool reverse, Tensor output, "
+      "Tensor gates, Tensor cells, Tensor norms) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr, "
+      "Tensor grad_ln_ih_w, Tensor grad_ln_hh_w, Tensor grad_ln_c_w, Tensor grad_ln_c_b)");
+  // ---- end lstm_ext
 }
 
 // `import bigkernels._C` loads this library, which runs the registrations above. No Python API

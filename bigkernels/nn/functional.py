@@ -12,3 +12,7 @@ __all__ += ["scaled_dot_product_attention"]
 from bigkernels.ops.conv import conv1d, conv2d  # noqa: E402
 
 __all__ += ["conv1d", "conv2d"]
+# lstm_ext: lstm_layer with a layer-normalised cell and/or zoneout.
+from bigkernels.ops.lstm_ext import lstm_layer_ext  # noqa: E402
+
+__all__ = ["lstm_cell", "lstm_layer", "lstm_layer_ext"]

@@ -13,3 +13,7 @@ from bigkernels.ops import attention  # noqa: F401,E402
 __all__ = ["lstm", "lstm_cell"]
 __all__ += ["attention"]  # attention
 __all__ += ["conv"]
+# lstm_ext: the layer-norm / zoneout options of bigkernels.nn.LSTM.
+from bigkernels.ops import lstm_ext  # noqa: F401,E402
+
+__all__ = ["lstm", "lstm_cell", "lstm_ext"]
