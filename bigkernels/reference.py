@@ -215,10 +215,13 @@ def attention(
         if right >= 0:
             visible &= j <= i + right
         scores = scores.masked_fill(~visible, float("-inf"))
+    # A row with no visible key would give NaN (exp(-inf - (-inf)), and logsumexp's gradient there):
+    # compute such rows on zeros and then give them probability 0 and lse -inf, with zero gradients.
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)  # True too for a row of no keys (S == 0)
+    scores = scores.masked_fill(dead, 0.0)
     lse = torch.logsumexp(scores, dim=-1)
-    # exp(-inf - (-inf)) would be NaN on rows with no visible key: give them probability 0.
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - safe_lse.unsqueeze(-1))
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(dead, 0.0)
+    lse = lse.masked_fill(dead.squeeze(-1), float("-inf"))
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p)
     return probs @ value, lse

@@ -257,12 +257,11 @@ def test_fully_masked_rows_give_zero(backend, device, dtypes):
         for t in (qd, kd, vd):
             assert torch.isfinite(t.grad).all()
         assert torch.all(qd.grad[:, :, 2] == 0)
-        # The masked row contributes nothing: the same as attention without that query row. (The
-        # float64 reference's own gradient is NaN there: logsumexp of an all -inf row.)
+        # The masked row contributes nothing: the same as attention without that query row.
         keep_rows = [0, 1, 3, 4, 5]
         ref_out, _ = reference.attention(q, k, v, torch.zeros(6, 5, dtype=torch.float64).masked_fill(~mask, -math.inf))
         torch.testing.assert_close(out.detach().cpu().double()[:, :, keep_rows], ref_out[:, :, keep_rows],
-                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+                                   atol={torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(dtype, 1e-5), rtol=0)
         q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (qd[:, :, keep_rows], kd, vd))
         with bigkernels.use_backend(backend):
             sdpa(q2, k2, v2, attn_mask=mask[keep_rows].to(device)).sum().backward()

@@ -40,27 +40,16 @@ def _random(generator, shape, dtype, layout, device=DEVICE):
 
 
 def _reference_grads(dtype, q, k, v, mask, grad_output, *, window, keep, dropout_p, cu_q, cu_k, mask_grad):
-    """(output, lse, grads) of bigkernels.reference.attention in `dtype` on CPU. Rows that see no key
-    have a constant 0 output: they get a finite stand-in mask and no output gradient, because the
-    reference's autograd turns their all -inf scores into 0 * NaN; their true gradient is 0."""
+    """(output, lse, grads) of bigkernels.reference.attention in `dtype` on CPU."""
     leaves = [x.detach().cpu().to(dtype).requires_grad_() for x in (q, k, v)]
-    forward_mask = None if mask is None else mask.detach().cpu().to(dtype)
-    scale = q.shape[-1] ** -0.5
+    mask_leaf = None if mask is None else mask.detach().cpu().to(dtype).requires_grad_(mask_grad)
     keep = None if keep is None else keep.cpu()
     cu = {} if cu_q is None else dict(cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
-    with torch.no_grad():
-        out, lse = reference.attention(*leaves, forward_mask, scale=scale, window=window, dropout_keep=keep,
-                                       dropout_p=dropout_p, **cu)
-    dead = torch.isinf(lse)  # (B, H, L): rows that see nothing
-    grad_mask_leaf = None
-    if forward_mask is not None:
-        grad_mask_leaf = forward_mask.masked_fill(dead.unsqueeze(-1), 0.0).requires_grad_(mask_grad)
-    go = grad_output.detach().cpu().to(dtype).masked_fill(dead.unsqueeze(-1), 0.0)
-    out_for_grad, _ = reference.attention(*leaves, grad_mask_leaf, scale=scale, window=window, dropout_keep=keep,
-                                          dropout_p=dropout_p, **cu)
-    inputs = leaves + ([grad_mask_leaf] if mask_grad else [])
-    grads = torch.autograd.grad(out_for_grad, inputs, go)
-    return out, lse, grads
+    out, lse = reference.attention(*leaves, mask_leaf, scale=q.shape[-1] ** -0.5, window=window,
+                                   dropout_keep=keep, dropout_p=dropout_p, **cu)
+    inputs = leaves + ([mask_leaf] if mask_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad_output.detach().cpu().to(dtype))
+    return out.detach(), lse.detach(), grads
 
 
 def _assert_lse(ours, stock, ref64):
