@@ -29,6 +29,8 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
     "lstm": ("cuda", "triton"),
+    # ---- conv_depthwise: direct CUDA kernels (no Triton twin; depthwise Triton runs through conv) ----
+    "conv_depthwise": ("cuda",),
 }
 
 

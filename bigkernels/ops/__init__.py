@@ -7,3 +7,9 @@ bigkernels.nn.functional.
 from bigkernels.ops import lstm, lstm_cell  # noqa: F401  (registers the ops' fake/autograd kernels)
 
 __all__ = ["lstm", "lstm_cell"]
+
+# ---- conv_depthwise ----
+from bigkernels.ops import conv_depthwise  # noqa: E402,F401
+
+__all__ += ["conv_depthwise"]
+# ---- end conv_depthwise ----
