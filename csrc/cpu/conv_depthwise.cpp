@@ -432,23 +432,33 @@ template <typename T>
 BK_ALWAYS_INLINE void backward_plane_nchw(const T* in, const acc_t<T>* __restrict__ gz,
                                           const acc_t<T>* __restrict__ w, T* gin,
                                           acc_t<T>* __restrict__ dw, const DepthwiseGeometry& g,
-                                          acc_t<T>* __restrict__ pad, acc_t<T>* __restrict__ gpad) {
+                                          acc_t<T>* __restrict__ pad, acc_t<T>* __restrict__ gpad,
+                                          acc_t<T>* __restrict__ tap_acc) {
   using A = acc_t<T>;
   const int64_t ld = g.W + 2 * g.pad_w, hp = g.H + 2 * g.pad_h;
   if (dw) {
+    // Per tap, a row of Q partial sums accumulated over the output rows (vector FMAs only), then
+    // one reduction per tap and plane: a horizontal reduction per (row, tap) would cost more than
+    // the multiply-adds for short rows.
     fill_padded(in, g, ld, pad);
+    std::fill(tap_acc, tap_acc + g.R * g.S * g.Q, A(0));
     for (int64_t p = 0; p < g.P; ++p) {
       const A* gzr = gz + p * g.Q;
       for (int64_t r = 0; r < g.R; ++r) {
         const A* row = pad + (p * g.stride_h + r * g.dil_h) * ld;
         for (int64_t s = 0; s < g.S; ++s) {
           const A* base = row + s * g.dil_w;
-          A sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t q = 0; q < g.Q; ++q) sum += gzr[q] * base[q * g.stride_w];
-          dw[r * g.S + s] += sum;
+          A* ta = tap_acc + (r * g.S + s) * g.Q;
+#pragma omp simd
+          for (int64_t q = 0; q < g.Q; ++q) ta[q] += gzr[q] * base[q * g.stride_w];
         }
       }
+    }
+    for (int64_t t = 0; t < g.R * g.S; ++t) {
+      const A* ta = tap_acc + t * g.Q;
+      A sum = 0;
+      for (int64_t q = 0; q < g.Q; ++q) sum += ta[q];
+      dw[t] += sum;
     }
   }
   if (gin) {
@@ -552,8 +562,8 @@ BK_ALWAYS_INLINE void grad_weight_rows_nhwc(const A* __restrict__ in, const A* _
   }                                                                                               \
   ATTR void backward_plane_nchw_entry(const T* in, const acc_t<T>* gz, const acc_t<T>* w, T* gin,  \
                                       acc_t<T>* dw, const DepthwiseGeometry& g, acc_t<T>* pad,    \
-                                      acc_t<T>* gpad) {                                           \
-    backward_plane_nchw<T>(in, gz, w, gin, dw, g, pad, gpad);                                     \
+                                      acc_t<T>* gpad, acc_t<T>* tap_acc) {                        \
+    backward_plane_nchw<T>(in, gz, w, gin, dw, g, pad, gpad, tap_acc);                            \
   }                                                                                               \
   ATTR void grad_input_row_nhwc_entry(const acc_t<T>* gz_n, const acc_t<T>* wt, T* gin_row,        \
                                       const DepthwiseGeometry& g, int64_t ih, acc_t<T>* acc) {    \
@@ -745,13 +755,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_depthwise_backwa
       at::parallel_for(0, g.C * chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<A> pad(need_weight ? plane_pad : 0, A(0));
         std::vector<A> gpad(need_input ? plane_pad : 0);
+        std::vector<A> tap_acc(need_weight ? RS * g.Q : 0);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / chunks, k = task % chunks;
           A* dwp = pp ? pp + (k * g.C + c) * RS : nullptr;
           for (int64_t n = chunk_begin(g.N, chunks, k); n < chunk_begin(g.N, chunks, k + 1); ++n) {
             const int64_t nc = n * g.C + c;
             backward_plane_nchw_entry(xp + nc * hw, gzp + nc * pq, wp + c * RS,
-                                      gip ? gip + nc * hw : nullptr, dwp, g, pad.data(), gpad.data());
+                                      gip ? gip + nc * hw : nullptr, dwp, g, pad.data(), gpad.data(),
+                                      tap_acc.data());
           }
         }
       });
