@@ -109,6 +109,26 @@ TORCH_LIBRARY(bigkernels, m) {
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr, "
       "Tensor grad_ln_ih_w, Tensor grad_ln_hh_w, Tensor grad_ln_c_w, Tensor grad_ln_c_b)");
   // ---- end lstm_ext
+  // ---- conv_depthwise (depthwise convolution with the fused epilogue) ----
+  // y = act(conv2d(input, weight, groups=C) + bias + residual); input (N, C, H, W) NCHW or
+  // channels_last, weight (C, 1, R, S), bias (C,), residual (N, C, P, Q); the output takes the
+  // input's memory format. activation: none, relu, gelu, gelu_tanh, silu, sigmoid, leaky_relu
+  // (negative_slope). preactivation is z (before the activation) when need_preactivation and the
+  // activation's derivative needs z (gelu, gelu_tanh, silu, leaky_relu with slope <= 0), else an
+  // empty (0,) tensor. Same schema as conv without groups (helper-notes/conv.md).
+  m.def(
+      "conv_depthwise(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, str activation, float negative_slope, "
+      "bool need_preactivation) -> (Tensor output, Tensor preactivation)");
+  // Backward of conv_depthwise. output_mask = (input, weight, bias, residual) gradients wanted;
+  // unwanted ones come back as empty (0,) tensors. act'(z) comes from output for the activations
+  // whose derivative is a function of y, else from preactivation (which must then be z).
+  m.def(
+      "conv_depthwise_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, "
+      "Tensor preactivation, int[2] stride, int[2] padding, int[2] dilation, str activation, "
+      "float negative_slope, bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor grad_residual)");
+  // ---- end conv_depthwise ----
 }
 
 // `import bigkernels._C` loads this library, which runs the registrations above. No Python API

@@ -17,3 +17,9 @@ __all__ += ["conv"]
 from bigkernels.ops import lstm_ext  # noqa: F401,E402
 
 __all__ = ["lstm", "lstm_cell", "lstm_ext"]
+
+# ---- conv_depthwise ----
+from bigkernels.ops import conv_depthwise  # noqa: E402,F401
+
+__all__ += ["conv_depthwise"]
+# ---- end conv_depthwise ----

@@ -65,4 +65,39 @@ cudaError_t lstm_persistent_forward(DType dtype, const void* pre, const void* w_
                                     void* gates, void* cells, int64_t steps, int64_t B, int64_t H,
                                     bool reverse, cudaStream_t stream);
 
+// ------------------------------------------------------------------------------- conv_depthwise
+// Direct depthwise convolution (groups == C), y = act(conv(x, w) + bias + residual), see
+// csrc/cuda/conv_depthwise.cu. input (N, C, H, W), weight (C, 1, R, S), output (N, C, P, Q); all
+// activation tensors are dense in one memory format: NCHW, or NHWC when channels_last (the
+// output takes the input's). Storage dtype float16, bfloat16 or float32 (float accumulation);
+// weight and bias are passed as float32 (C, R*S) and (C,) (the binding converts them: they are tiny).
+// activation is the integer value of bigkernels::Activation (csrc/common/activation.h).
+struct DepthwiseConvShape {
+  int64_t N, C, H, W, R, S, P, Q;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  bool channels_last;
+};
+
+// Writes output and, when not null, preactivation (z, before the activation). residual and bias
+// may be null.
+cudaError_t conv_depthwise_forward(DType dtype, const DepthwiseConvShape& shape, const void* input,
+                                   const float* weight, const float* bias, const void* residual,
+                                   void* output, void* preactivation, int activation,
+                                   float negative_slope, cudaStream_t stream);
+
+// Bytes of scratch memory conv_depthwise_backward needs (the float gz buffer and the weight
+// gradient's per-block partial sums). The caller allocates it; no initialisation needed.
+size_t conv_depthwise_backward_scratch_bytes(const DepthwiseConvShape& shape, bool need_weight_grad);
+
+// gz = grad_output * act'(src), src being the output y when act_from_output, else the
+// preactivation z; then grad_input (transposed direct conv of gz), grad_weight (C, R*S) and
+// grad_bias (C,) in the storage dtype, and grad_residual = gz. Each output pointer may be null
+// (not wanted). The weight and bias gradients are deterministic (fixed-order reductions, no
+// atomics).
+cudaError_t conv_depthwise_backward(DType dtype, const DepthwiseConvShape& shape, const void* grad_output,
+                                    const void* input, const float* weight, const void* act_src,
+                                    bool act_from_output, int activation, float negative_slope,
+                                    void* grad_input, void* grad_weight, void* grad_bias,
+                                    void* grad_residual, void* scratch, cudaStream_t stream);
+
 }  // namespace bigkernels::cuda
