@@ -35,8 +35,8 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "conv": ("triton",),
     # lstm_ext (layer norm / zoneout): Triton only; the "cuda" backend runs the Triton op too.
     "lstm_ext": ("triton",),
-    # ---- conv_depthwise: direct CUDA kernels (no Triton twin; depthwise Triton runs through conv) ----
-    "conv_depthwise": ("cuda",),
+    # ---- conv_depthwise: direct CUDA kernels; forcing "triton" runs the Triton conv with groups = C ----
+    "conv_depthwise": ("cuda", "triton"),
 }
 
 
