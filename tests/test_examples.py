@@ -1,0 +1,40 @@
+"""The examples in examples/ run end to end at their --tiny size (what CI can afford); their full
+runs, with the accuracy each states, are documented in each file."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture
+def example(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # the examples import their sibling _common
+
+    def load(name: str):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.mark.parametrize(
+    "name, swapped",
+    [
+        pytest.param("train_cnn_digits", None, marks=pytest.mark.skipif(
+            importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn (its digits data set)")),
+        ("train_lstm_classifier", 1),
+        ("train_transformer_encoder", None),
+    ],
+)
+def test_example_runs_tiny(example, capsys, name, swapped):
+    assert example(name).main(["--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "stock: test accuracy" in out and "optimized: test accuracy" in out
+    assert "bigkernels.optimize:" in out  # the swap report
+    if swapped is not None:
+        assert f"{swapped} layers swapped" in out
