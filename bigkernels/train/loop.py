@@ -264,7 +264,7 @@ def fit(
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    window_loss, window_steps, grad_norm = 0.0, 0, None
+    window_loss, window_steps, grad_norm = torch.zeros((), device=device), 0, None
     window_start = time.perf_counter()
     run_start = window_start
     micro = 0  # micro-batches into the current accumulation window
@@ -283,7 +283,7 @@ def fit(
                     with _autocast(device, precision):
                         loss = compute(forward_module, data.to_device(batch, device))
                     scaler.scale(loss / accumulation_steps).backward()
-                window_loss += loss.item() / accumulation_steps
+                window_loss += loss.detach().float() / accumulation_steps  # no host sync per step
                 if not last_micro:
                     continue
                 micro = 0
@@ -299,7 +299,7 @@ def fit(
                 window_steps += 1
                 if step % log_every == 0 or step == max_steps:
                     elapsed = time.perf_counter() - window_start
-                    mean_loss = distributed.mean_over_processes(window_loss / window_steps, info, device)
+                    mean_loss = distributed.mean_over_processes(float(window_loss) / window_steps, info, device)
                     throughput = samples_per_step * window_steps / max(elapsed, 1e-9)
                     record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                               "samples_per_s": throughput, "elapsed_s": time.perf_counter() - run_start}
@@ -310,7 +310,7 @@ def fit(
                     log(record)
                     bar.update(step, mean_loss, throughput)
                     result.loss = mean_loss
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
                 if eval_every is not None and step % eval_every == 0:
                     run_eval()
                 if checkpoint_every is not None and step % checkpoint_every == 0:
