@@ -6,6 +6,7 @@ that occurs most often (ties go to the smallest). Counting over the whole sequen
 recurrent state; chance is about 0.3.
 
     python examples/train_lstm_classifier.py             # 300 steps: test accuracy >= 0.90 for both
+                                                         # (measured 0.987 stock / 0.986 optimized, CPU)
     python examples/train_lstm_classifier.py --tiny      # smoke run (CI)
     torchrun --nproc_per_node=2 examples/train_lstm_classifier.py   # the same, data parallel
 

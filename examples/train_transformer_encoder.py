@@ -6,6 +6,7 @@ is how many times q occurs in the rest of the sequence, capped at 3 (classes 0, 
 it means matching every position against the first one: what attention does.
 
     python examples/train_transformer_encoder.py          # 400 steps: test accuracy >= 0.90 for both
+                                                          # (measured 1.000 / 1.000, CPU)
     python examples/train_transformer_encoder.py --tiny   # smoke run (CI)
 
 bigkernels.optimize swaps the encoder's nn.MultiheadAttention where this version has the
