@@ -10,6 +10,16 @@ from bigkernels.bench import cases as registry
 from bigkernels.bench import models, runner, timing
 from bigkernels.bench.cases import Case
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention (several times slower on a busy
+    2-core CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TINY = timing.Budget(target_s=0.005, min_samples=2, warmup_s=0.001)
 TINY_SHAPES = {
     "e2e_cnn": {"B": 2, "C": 4, "S": 8},

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -19,7 +20,14 @@ def example(monkeypatch):
         sys.modules.pop(name, None)
         return importlib.import_module(name)
 
-    return load
+    # Tiny models: a second intra-op thread only adds contention (several times slower on a busy
+    # 2-core CI machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,16 @@ import bigkernels
 from numerics import assert_matches
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention (several times slower on a busy
+    2-core CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Tagger(nn.Module):
     """An LSTM stack, a cell run over the steps, a shared cell used twice, and a head."""
 
