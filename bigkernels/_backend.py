@@ -29,6 +29,12 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
     "lstm": ("cuda", "triton"),
+    # ---- attention ----
+    "attention": ("triton",),
+    # conv (issue 5): Triton implicit GEMM; depthwise calls are routed in bigkernels/ops/conv.py.
+    "conv": ("triton",),
+    # lstm_ext (layer norm / zoneout): Triton only; the "cuda" backend runs the Triton op too.
+    "lstm_ext": ("triton",),
 }
 
 

@@ -52,29 +52,108 @@ def lstm_layer(
     last step. P = w_hr.shape[0] with a projection (h = (o * tanh(c)) @ w_hr^T), else H.
     reverse runs the steps from last to first (the backward direction of a bidirectional LSTM).
     """
-    if batch_sizes is None:
-        sizes = [input.shape[1]] * input.shape[0]
-        steps = list(input.unbind(0))
-    else:
-        sizes = [int(n) for n in batch_sizes.tolist()]
-        steps = list(input.split(sizes, dim=0))
+    sizes, offsets, order = _schedule(input, batch_sizes, reverse)
+    rows = input.reshape(-1, input.shape[-1])
     h, c = h0, c0
     outputs: list[Tensor | None] = [None] * len(sizes)
-    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in order:
         n = sizes[t]
         # Rows past n are finished (forward) or not yet started (reverse): their state is kept.
-        hy, cy = lstm_cell(steps[t], h[:n], c[:n], w_ih, w_hh, b_ih, b_hh)
+        hy, cy = lstm_cell(rows[offsets[t]:offsets[t] + n], h[:n], c[:n], w_ih, w_hh, b_ih, b_hh)
         if w_hr is not None:
             hy = hy @ w_hr.t()
         outputs[t] = hy
         h = torch.cat([hy, h[n:]])
         c = torch.cat([cy, c[n:]])
+    return _join_steps(outputs, input, batch_sizes, h0), h, c
+
+
+def _schedule(input: Tensor, batch_sizes: Tensor | None, reverse: bool) -> tuple[list[int], list[int], range]:
+    """(rows of step t, first row of step t in the [rows, *] layout, steps in processing order)."""
     if batch_sizes is None:
-        output = torch.stack(outputs) if outputs else input.new_empty((0, h0.shape[0], h0.shape[1]))
+        sizes = [input.shape[1]] * input.shape[0]
     else:
-        output = torch.cat(outputs) if outputs else input.new_empty((0, h0.shape[1]))
-    return output, h, c
+        sizes = [int(n) for n in batch_sizes.tolist()]
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    return sizes, offsets, range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+
+
+def _join_steps(outputs: list, input: Tensor, batch_sizes: Tensor | None, h0: Tensor) -> Tensor:
+    """The per-step outputs as [T, B, P] (padded) or [N, P] (packed)."""
+    if batch_sizes is None:
+        return torch.stack(outputs) if outputs else input.new_empty((0, h0.shape[0], h0.shape[1]))
+    return torch.cat(outputs) if outputs else input.new_empty((0, h0.shape[1]))
+
+
+LAYER_NORM_EPS = 1e-5  # the LayerNorm epsilon of the layer-normalised LSTM (torch's LayerNorm default)
+
+
+def lstm_layer_ext(
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    reverse: bool = False,
+    layer_norm: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
+    zoneout_cell: float = 0.0,
+    zoneout_hidden: float = 0.0,
+    cell_mask: Tensor | None = None,
+    hidden_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`lstm_layer` with a layer-normalised cell (Ba et al. 2016) and zoneout (Krueger et al. 2016).
+
+    Same arguments, shapes and outputs as `lstm_layer`, plus:
+      layer_norm = (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b), gains/biases [4H], [4H],
+        [4H], [4H], [H], [H], or None. Per row (eps = LAYER_NORM_EPS, LN over the last dim):
+          a = LN_ih(x W_ih^T) + LN_hh(h_{t-1} W_hh^T) + b_ih + b_hh;  i, f, g, o = act(a)
+          c~ = f * c_{t-1} + i * g;  h~ = o * tanh(LN_c(c~))  (then h~ W_hr^T with a projection)
+        Without it: h~ = o * tanh(c~), the stock cell.
+      Zoneout: c_t = k_c * c_{t-1} + (1 - k_c) * c~,  h_t = k_h * h_{t-1} + (1 - k_h) * h~, where the
+        keep weight k is the mask's element (cell_mask [rows, H], hidden_mask [rows, P], 0/1 in
+        training, rows ordered as the input's rows: time-major T*B, or packed) or, without a mask,
+        the constant zoneout_cell / zoneout_hidden (evaluation: the expectation). h~ uses the
+        candidate c~, not the zoned c_t (Krueger et al., eq. for the LSTM). The output is h_t.
+    """
+    hidden = c0.shape[-1]
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    x = input.reshape(rows, input.shape[-1])
+    norm = torch.nn.functional.layer_norm
+    pre = x @ w_ih.t()
+    if layer_norm is not None:
+        ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b = layer_norm
+        pre = norm(pre, (4 * hidden,), ln_ih_w, ln_ih_b, LAYER_NORM_EPS)
+    if b_ih is not None:
+        pre = pre + b_ih + b_hh
+    sizes, offsets, order = _schedule(input, batch_sizes, reverse)
+
+    def keep(mask: Tensor | None, p: float, t: int, n: int) -> Tensor | float:
+        return mask[offsets[t]:offsets[t] + n] if mask is not None else p
+
+    h, c = h0, c0
+    outputs: list[Tensor | None] = [None] * len(sizes)
+    for t in order:
+        n = sizes[t]
+        rec = h[:n] @ w_hh.t()
+        if layer_norm is not None:
+            rec = norm(rec, (4 * hidden,), ln_hh_w, ln_hh_b, LAYER_NORM_EPS)
+        i, f, g, o = (pre[offsets[t]:offsets[t] + n] + rec).chunk(4, dim=-1)
+        c_cand = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+        c_out = norm(c_cand, (hidden,), ln_c_w, ln_c_b, LAYER_NORM_EPS) if layer_norm is not None else c_cand
+        h_cand = torch.sigmoid(o) * torch.tanh(c_out)
+        if w_hr is not None:
+            h_cand = h_cand @ w_hr.t()
+        k_c, k_h = keep(cell_mask, zoneout_cell, t, n), keep(hidden_mask, zoneout_hidden, t, n)
+        c_new = c_cand if cell_mask is None and zoneout_cell == 0 else (1 - k_c) * c_cand + k_c * c[:n]
+        h_new = h_cand if hidden_mask is None and zoneout_hidden == 0 else (1 - k_h) * h_cand + k_h * h[:n]
+        outputs[t] = h_new
+        h = torch.cat([h_new, h[n:]])
+        c = torch.cat([c_new, c[n:]])
+    return _join_steps(outputs, input, batch_sizes, h0), h, c
 
 
 def attention(

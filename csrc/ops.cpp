@@ -44,6 +44,71 @@ TORCH_LIBRARY(bigkernels, m) {
       "bool reverse, Tensor output, Tensor gates, Tensor cells, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+
+  // ---- attention (flash attention; bigkernels/ops/attention.py, csrc/cpu/attention.cpp) ----
+  // query (B, Hq, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev), any strides; Hq % Hk == 0
+  // (query head h reads kv head h / (Hq / Hk)). attn_mask: additive, (B, Hq, L, S), any strides.
+  // Query i sees key j iff (window_left < 0 or j >= i - window_left) and (window_right < 0 or
+  // j <= i + window_right). Varlen: cu_seqlens_q/k (N + 1,) int32 with B == 1, sequence n is rows
+  // cu[n]:cu[n+1]; max_seqlen_* size GPU grids. Dropout: dropout_seed = int64 (2,) [seed, offset].
+  // Returns output (B, Hq, L, Ev) stored as (B, L, Hq, Ev), lse (B, Hq, L) float32 (-inf: no key).
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, "
+      "int window_right, float dropout_p, Tensor? dropout_seed) -> (Tensor output, Tensor lse)");
+  // Backward of attention. grad_attn_mask is (B, Hq, L, S) when need_grad_mask, else shape (0,).
+  m.def(
+      "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
+      "Tensor output, Tensor lse, Tensor? attn_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
+      "float dropout_p, Tensor? dropout_seed, bool need_grad_mask) -> (Tensor grad_query, "
+      "Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+  // The CPU kernels' dropout keep mask (B, H, L, S) bool for a seed: what tests compare against.
+  m.def("attention_dropout_mask(Tensor seed, int B, int H, int L, int S, float p) -> Tensor");
+  // ---- conv (issue 5) ----
+  // Fused convolution: output = act(conv2d(input, weight, stride, padding, dilation, groups) + bias
+  // + residual), act one of none, relu, gelu, gelu_tanh, silu, sigmoid, leaky_relu(negative_slope).
+  //   input (N, C, H, W) NCHW or channels_last; weight (K, C/groups, R, S); bias (K,); residual
+  //   (N, K, P, Q). output (N, K, P, Q) in the input's layout. Symmetric padding only.
+  //   preactivation: z (before act) when need_preactivation and act' needs z (gelu, gelu_tanh,
+  //   silu, leaky_relu with slope <= 0), else an empty (0,) tensor.
+  m.def(
+      "conv(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, str activation, float negative_slope, bool need_preactivation) -> "
+      "(Tensor output, Tensor preactivation)");
+  // Backward of conv. output_mask = gradients wanted for (input, weight, bias, residual); unwanted
+  // ones come back as empty (0,) tensors.
+  m.def(
+      "conv_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, Tensor preactivation, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, float negative_slope, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // ---- end conv ----
+  // ---- lstm_ext (bigkernels/ops/lstm_ext.py): lstm with a layer-normalised cell and/or zoneout.
+  // Its own op so that the default lstm path and schema stay as they are. Maths:
+  // bigkernels.reference.lstm_layer_ext. Arguments as lstm, plus: ln_* the LayerNorm gains/biases
+  // ([4H] ih, [4H] hh, [H] cell; all six or none); cell_mask [rows, H] / hidden_mask [rows, P] the
+  // zoneout keep masks (training), else the constant keep weights zoneout_cell / zoneout_hidden
+  // (evaluation; 0 = no zoneout). Workspace: gates [rows, 4H], cells [rows, H] (c_t after zoneout),
+  // norms [rows, 5H + 2] (LN_hh's normalised input [4H], LN_c's [H], their two 1/std) with layer
+  // norm, else [rows, H] (the candidate cell c~); all empty when not need_workspace.
+  m.def(
+      "lstm_ext(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? ln_ih_w, Tensor? ln_ih_b, Tensor? ln_hh_w, "
+      "Tensor? ln_hh_b, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? cell_mask, Tensor? hidden_mask, "
+      "float zoneout_cell, float zoneout_hidden, bool reverse, bool need_workspace) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor norms)");
+  // Backward of lstm_ext: every gradient is computed. grad_bias is also the gradient of b_hh and
+  // of the two LN betas ln_ih_b and ln_hh_b (all are added to the gate pre-activations); the LN
+  // gradients are empty without layer norm, grad_w_hr without a projection.
+  m.def(
+      "lstm_ext_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? ln_ih_w, Tensor? ln_hh_w, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? cell_mask, "
+      "Tensor? hidden_mask, float zoneout_cell, float zoneout_hidden, bool reverse, Tensor output, "
+      "Tensor gates, Tensor cells, Tensor norms) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr, "
+      "Tensor grad_ln_ih_w, Tensor grad_ln_hh_w, Tensor grad_ln_c_w, Tensor grad_ln_c_b)");
+  // ---- end lstm_ext
 }
 
 // `import bigkernels._C` loads this library, which runs the registrations above. No Python API

@@ -10,6 +10,7 @@ import torch
 
 import bigkernels  # noqa: F401  (registers the ops)
 from bigkernels import reference
+from lstm_cases import make_case as make_layer_case, stock_lstm_layer
 from numerics import assert_matches
 
 ARGS = ("input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
@@ -23,46 +24,20 @@ def fused(monkeypatch):
 
 
 def make_case(seq, batch, input_size, hidden, packed, bias, seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, s=1.0):
-        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * s
-
-    batch_sizes = None
+    """lstm_cases.make_case's layer without projection; packed with ragged random lengths, longest
+    first (PackedSequence order), the longest running every step."""
+    lengths = None
     if packed:
-        # Ragged lengths, longest first (PackedSequence order), the longest running every step.
+        g = torch.Generator().manual_seed(seed)
         lengths = sorted(torch.randint(1, seq + 1, (batch,), generator=g).tolist(), reverse=True)
         lengths[0] = seq
-        batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(seq)], dtype=torch.int64)
-    scale = hidden**-0.5
-    case = dict(
-        input=rnd(int(batch_sizes.sum()), input_size) if packed else rnd(seq, batch, input_size),
-        h0=rnd(batch, hidden),
-        c0=rnd(batch, hidden, s=2.0),
-        w_ih=rnd(4 * hidden, input_size, s=2 * scale),
-        w_hh=rnd(4 * hidden, hidden, s=2 * scale),
-        b_ih=rnd(4 * hidden, s=scale) if bias else None,
-        b_hh=rnd(4 * hidden, s=scale) if bias else None,
-    )
+    case, batch_sizes = make_layer_case(seq, batch, input_size, hidden, 0, lengths, bias=bias, seed=seed)
+    del case["w_hr"]
     return case, batch_sizes
 
 
 def stock_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
-    """The layer through stock torch.lstm; the reverse direction alone is the second half of a
-    bidirectional call whose forward half runs on detached copies."""
-    params = [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None]
-    h, c = h0.unsqueeze(0), c0.unsqueeze(0)
-    if reverse:
-        params = [t.detach() for t in params] + params
-        h, c = torch.cat([h.detach(), h]), torch.cat([c.detach(), c])
-    has_bias = b_ih is not None
-    if batch_sizes is None:
-        out, h_n, c_n = torch.lstm(input, [h, c], params, has_bias, 1, 0.0, False, reverse, False)
-    else:
-        out, h_n, c_n = torch.lstm(input, batch_sizes, [h, c], params, has_bias, 1, 0.0, False, reverse)
-    if reverse:
-        return out[..., h0.shape[-1]:], h_n[1], c_n[1]
-    return out, h_n[0], c_n[0]
+    return stock_lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse)
 
 
 def reference_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):

@@ -33,6 +33,9 @@ GEMM_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 OP_MODULES: dict[str, str] = {
     "lstm_cell": "bigkernels.bench.lstm_cell",
     "lstm": "bigkernels.bench.lstm",
+    # ---- attention ----
+    "attention": "bigkernels.bench.attention",
+    "conv": "bigkernels.bench.conv",  # issue 5
     # --- end-to-end model cases (issue 6): "module:ATTRIBUTE" names an OpBench other than BENCH ---
     "e2e_cnn": "bigkernels.bench.models:CNN_BENCH",
     "e2e_lstm": "bigkernels.bench.models:LSTM_BENCH",

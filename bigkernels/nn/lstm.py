@@ -9,8 +9,13 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from bigkernels.ops.lstm import lstm_layer
+from bigkernels.ops.lstm_ext import lstm_layer_ext, zoneout_pair
 
 State = tuple[Tensor, Tensor]
+# The LayerNorm parameters of one layer and direction, in lstm_layer_ext's order, with their sizes
+# in units of hidden_size.
+_LAYER_NORM_PARAMS = (("ih_weight", 4), ("ih_bias", 4), ("hh_weight", 4), ("hh_bias", 4), ("cell_weight", 1),
+                      ("cell_bias", 1))
 
 
 class LSTM(torch.nn.RNNBase):
@@ -46,6 +51,27 @@ class LSTM(torch.nn.RNNBase):
     projection of all steps is one GEMM, the recurrence runs in the kernel); see it for the devices and
     dtypes each backend supports (CPU float32/float64/bfloat16, CUDA float16/bfloat16/float32/float64).
     Weights, input and states must share one dtype and device.
+
+    Beyond torch.nn.LSTM, two keyword-only options, both off by default (then the parameters and
+    ``state_dict`` are exactly torch's):
+
+    - ``layer_norm=True``: the layer-normalised LSTM of Ba et al. (2016). Per layer and direction,
+      with LN(v) = gain * (v - mean(v)) / sqrt(var(v) + 1e-5) + bias over the last dimension:
+      ``a = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh`` (LN over the 4H gate vector of a
+      row), ``i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of a``, ``c_t = f * c_{t-1} + i * g``,
+      ``h_t = o * tanh(LN_c(c_t))`` (then ``W_hr h_t`` with proj_size). Extra parameters
+      ``layer_norm_{ih,hh}_{weight,bias}_l{k}`` (4H) and ``layer_norm_cell_{weight,bias}_l{k}`` (H),
+      ``_reverse`` suffixed for the reverse direction, initialised to gain 1, bias 0.
+    - ``zoneout=p`` (a float in [0, 1), or a pair ``(p_cell, p_hidden)``): zoneout of Krueger et al.
+      (2016). In training each unit keeps its previous value with probability p, a Bernoulli mask per
+      step, unit and row drawn from torch's generator (``torch.manual_seed`` reproduces it; the
+      backward uses the same mask): ``c_t = m_c * c_{t-1} + (1 - m_c) * c~_t`` and
+      ``h_t = m_h * h_{t-1} + (1 - m_h) * h~_t``, where c~_t, h~_t are the cell's new values (h~ from
+      c~, as in the paper). In eval mode m is replaced by its expectation p. The output at step t is
+      the zoned-out h_t. With proj_size, h is the projected state.
+
+    Both work with packed sequences, bidirectional and multi-layer models and proj_size; they run
+    :func:`bigkernels.ops.lstm_ext.lstm_layer_ext` (fused C++ on CPU, Triton on GPU).
     """
 
     def __init__(
@@ -60,11 +86,47 @@ class LSTM(torch.nn.RNNBase):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        layer_norm: bool = False,
+        zoneout: Union[float, tuple[float, float]] = 0.0,
     ) -> None:
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"layer_norm must be a bool, got {type(layer_norm).__name__}")
+        self.zoneout = zoneout_pair(zoneout)  # raises on a value outside [0, 1)
+        self.layer_norm = layer_norm
+        self._layer_norm_names: list[str] = []
         super().__init__(
             "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
             device=device, dtype=dtype,
         )
+        if layer_norm:
+            factory = {"device": device, "dtype": dtype}
+            for layer in range(num_layers):
+                for direction in range(2 if bidirectional else 1):
+                    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                    for what, units in _LAYER_NORM_PARAMS:
+                        name = f"layer_norm_{what}{suffix}"
+                        self.register_parameter(name, torch.nn.Parameter(torch.empty(units * hidden_size, **factory)))
+                        self._layer_norm_names.append(name)
+            self._reset_layer_norm()
+        self._extended = layer_norm or self.zoneout != (0.0, 0.0)
+
+    def _reset_layer_norm(self) -> None:
+        with torch.no_grad():
+            for name in self._layer_norm_names:
+                getattr(self, name).fill_(1.0 if "weight" in name else 0.0)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # uniform for every parameter, the LayerNorm ones included
+        self._reset_layer_norm()
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.layer_norm:
+            text += ", layer_norm=True"
+        if self.zoneout != (0.0, 0.0):
+            text += f", zoneout={self.zoneout}"
+        return text
 
     def _current_weights(self) -> list[Tensor]:
         """The weights in `_flat_weights_names` order, read fresh on every call.
@@ -75,6 +137,13 @@ class LSTM(torch.nn.RNNBase):
         longer plain parameters (parametrizations, weight_norm)."""
         params = self._parameters
         return [params[name] if name in params else getattr(self, name) for name in self._flat_weights_names]
+
+    def _layer_norm_params(self, k: int) -> Optional[tuple[Tensor, ...]]:
+        """The six LayerNorm parameters of layer-and-direction k, or None without layer_norm."""
+        if not self.layer_norm:
+            return None
+        per = len(_LAYER_NORM_PARAMS)
+        return tuple(getattr(self, name) for name in self._layer_norm_names[k * per:(k + 1) * per])
 
     def _check_input(self, data: Tensor, w_ih: Tensor) -> None:
         # Same checks and messages as torch.nn.RNNBase.check_input; dtype is not checked under
@@ -171,9 +240,15 @@ class LSTM(torch.nn.RNNBase):
                 w = weights[k * per_cell:(k + 1) * per_cell]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 w_hr = w[-1] if has_proj else None
-                out, h_k, c_k = lstm_layer(
-                    layer_input, batch_sizes, h_0[k], c_0[k], w[0], w[1], b_ih, b_hh, w_hr, reverse=direction == 1
-                )
+                if self._extended:
+                    out, h_k, c_k = lstm_layer_ext(
+                        layer_input, batch_sizes, h_0[k], c_0[k], w[0], w[1], b_ih, b_hh, w_hr, direction == 1,
+                        layer_norm=self._layer_norm_params(k), zoneout=self.zoneout, training=self.training,
+                    )
+                else:
+                    out, h_k, c_k = lstm_layer(
+                        layer_input, batch_sizes, h_0[k], c_0[k], w[0], w[1], b_ih, b_hh, w_hr, reverse=direction == 1
+                    )
                 outputs.append(out)
                 h_n.append(h_k)
                 c_n.append(c_k)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from bigkernels import _backend, _extension, reference
 from bigkernels.ops._checks import check_floating, check_like, check_shape, check_tensor
+from bigkernels.ops._dispatch import autocast_args, call_checked, needs_workspace
 
 OP = "lstm"
 
@@ -234,26 +235,16 @@ def lstm_layer(
     backend. Differentiable in every tensor argument (first order).
     """
     check_tensor(input, "input")
-    args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    device_type = input.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        # Stock nn.LSTM runs in the autocast dtype on both devices (cuDNN's and oneDNN's RNN ops
-        # are on autocast's lower-precision lists); unlike the cell, which stays float32 on CPU.
-        dtype = torch.get_autocast_dtype(device_type)
-        args = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in args)
-        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+    # Stock nn.LSTM runs in the autocast dtype on both devices (cuDNN's and oneDNN's RNN ops are on
+    # autocast's lower-precision lists); unlike the cell, which stays float32 on CPU.
+    args = autocast_args((input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), input.device, ("cuda", "cpu"))
+    input = args[0]
     backend = _backend.resolve(OP, input.device)
     if backend == "reference":
         _check_arguments(*args)
-    elif torch.compiler.is_compiling():
+        return reference.lstm_layer(*args, reverse)
+    if torch.compiler.is_compiling():
         _check_arguments(*args, check_values=False)
-    if backend == "reference":
-        return reference.lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     op = torch.ops.bigkernels.lstm_triton.default if backend == "triton" else torch.ops.bigkernels.lstm.default
-    need_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    try:
-        output, h_n, c_n, _, _ = op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, need_workspace)
-    except (RuntimeError, TypeError):
-        _check_arguments(*args)  # raises the precise error when the arguments are at fault
-        raise
+    output, h_n, c_n, _, _ = call_checked(op, (*args, reverse, needs_workspace(args)), _check_arguments, args)
     return output, h_n, c_n

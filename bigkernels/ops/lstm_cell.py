@@ -15,6 +15,7 @@ from torch import Tensor
 
 from bigkernels import _backend, _extension, reference
 from bigkernels.ops._checks import check_floating, check_like, check_shape, check_tensor
+from bigkernels.ops._dispatch import autocast_args, call_checked, needs_workspace
 
 OP = "lstm_cell"
 
@@ -171,15 +172,6 @@ def _check_arguments(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
             check_like(b, name, input, "input")
 
 
-def _autocast(tensors: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
-    """Match the stock cell's dtypes under autocast. CUDA: lstm_cell is on autocast's lower-precision
-    list, so everything runs (and returns) in the autocast dtype. CPU: the stock cell returns the input
-    dtype (only its inner linear calls drop to bfloat16); ours returns the input dtype too and keeps
-    the GEMMs in it, which is at least as accurate."""
-    dtype = torch.get_autocast_dtype("cuda")
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
 def lstm_cell(
     input: Tensor,
     hx: Optional[Sequence[Tensor]],
@@ -210,12 +202,12 @@ def lstm_cell(
         if len(hx) != 2:
             raise ValueError(f"hx must be a pair (h, c), got a sequence of {len(hx)}")
         h, c = hx
-    args = (input, h, c, w_ih, w_hh, b_ih, b_hh)
-    device = input.device
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        args = _autocast(args)
-        input, h, c, w_ih, w_hh, b_ih, b_hh = args
-    backend = _backend.resolve(OP, device)
+    # Under autocast the stock cell's dtypes: CUDA runs lstm_cell (on autocast's lower-precision list)
+    # in the autocast dtype; on CPU it returns the input dtype (only its inner linear calls drop to
+    # bfloat16), so ours keeps the input dtype there, GEMMs included: at least as accurate.
+    args = autocast_args((input, h, c, w_ih, w_hh, b_ih, b_hh), input.device, ("cuda",))
+    input, h, c, w_ih, w_hh, b_ih, b_hh = args
+    backend = _backend.resolve(OP, input.device)
     if backend == "reference" or torch.compiler.is_compiling():
         _check_arguments(*args)
 
@@ -226,14 +218,7 @@ def lstm_cell(
         hy, cy = reference.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
         op = torch.ops.bigkernels.lstm_cell_triton.default if backend == "triton" else torch.ops.bigkernels.lstm_cell.default
-        need_workspace = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh)
-        )
-        try:
-            hy, cy, _ = op(input, h, c, w_ih, w_hh, b_ih, b_hh, need_workspace)
-        except (RuntimeError, TypeError):
-            _check_arguments(*args)  # raises the precise error when the arguments are at fault
-            raise
+        hy, cy, _ = call_checked(op, (input, h, c, w_ih, w_hh, b_ih, b_hh, needs_workspace(args)), _check_arguments, args)
     if unbatched:
         hy, cy = hy.squeeze(0), cy.squeeze(0)
     return hy, cy
