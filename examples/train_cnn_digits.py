@@ -6,9 +6,10 @@ bigkernels.optimize, from the same initial weights.
                                                    # (measured 0.992 / 0.992, CPU, 1 thread, ~4 s each)
     python examples/train_cnn_digits.py --tiny     # smoke run (CI)
 
-The convolutions are written as nn.Sequential runs of Conv2d → BatchNorm2d → ReLU: the pattern that
-bigkernels.optimize's conv rules (where present in this version) fuse; the report printed before
-training lists what was swapped and why anything was left.
+The convolutions are written as nn.Sequential runs of Conv2d → BatchNorm2d → ReLU and Conv2d → ReLU:
+the patterns bigkernels.optimize fuses (into bigkernels.nn.Conv2dBNAct and
+bigkernels.nn.Conv2d(activation="relu")); the report printed before training lists what was swapped
+and why anything was left.
 """
 from __future__ import annotations
 

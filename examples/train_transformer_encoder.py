@@ -9,8 +9,9 @@ it means matching every position against the first one: what attention does.
                                                           # (measured 1.000 / 1.000, CPU)
     python examples/train_transformer_encoder.py --tiny   # smoke run (CI)
 
-bigkernels.optimize swaps the encoder's nn.MultiheadAttention where this version has the
-attention rule; the report printed before training says what was swapped and why anything was left.
+bigkernels.optimize swaps each encoder layer's nn.MultiheadAttention for
+bigkernels.nn.MultiheadAttention (the layer calls it with need_weights=False: the fused
+flash-attention path); the report printed before training says what was swapped.
 """
 from __future__ import annotations
 

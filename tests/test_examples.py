@@ -33,10 +33,10 @@ def example(monkeypatch):
 @pytest.mark.parametrize(
     "name, swapped",
     [
-        pytest.param("train_cnn_digits", None, marks=pytest.mark.skipif(
+        pytest.param("train_cnn_digits", 3, marks=pytest.mark.skipif(
             importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn (its digits data set)")),
         ("train_lstm_classifier", 1),
-        ("train_transformer_encoder", None),
+        ("train_transformer_encoder", 2),
     ],
 )
 def test_example_runs_tiny(example, capsys, name, swapped):

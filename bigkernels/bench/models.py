@@ -11,9 +11,12 @@ same models after bigkernels.optimize. Reported like every op: speedup vs the st
                    shape: B batch, T sequence length, D model width, 16 classes
 
 Both providers hold the same weights (a seeded stock model's state_dict, kept in the inputs). The
-float64 reference is the stock model in float64. The models are built fresh per case; what
-bigkernels.optimize swaps depends on the rules this version has (see bigkernels/train/swap.py): a
-model with nothing to swap runs as the stock one, and its speedup is 1 up to noise.
+float64 reference is the stock model in float64. The models are built fresh per case. What
+bigkernels.optimize swaps (bigkernels/train/swap.py): in the CNN both Conv2d → BatchNorm2d → ReLU
+runs (bigkernels.nn.Conv2dBNAct) and the Conv2d → ReLU (bigkernels.nn.Conv2d(activation="relu"));
+in the LSTM classifier the nn.LSTM; in the encoder each layer's nn.MultiheadAttention (which the
+stock layer calls with need_weights=False, the fused path; in eval mode under no_grad the stock
+layer takes torch's own fused fast path instead, around self_attn, for both providers alike).
 """
 from __future__ import annotations
 
