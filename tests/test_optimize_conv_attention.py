@@ -124,3 +124,12 @@ def test_multihead_attention_is_swapped_and_matches(batch_first):
     in_proj, out_proj = attention.in_proj_weight, attention.out_proj
     bigkernels.optimize(stock)
     assert stock.layers[1].self_attn.in_proj_weight is in_proj and stock.layers[1].self_attn.out_proj is out_proj
+
+
+def test_a_conv_shared_outside_its_run_gets_a_plain_swap_there():
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.ModuleDict({"seq": nn.Sequential(conv, nn.ReLU()), "alone": conv})
+    report = bigkernels.optimize(model)
+    assert model["seq"][0].activation == "relu" and model["alone"].activation == "none"
+    assert model["alone"].weight is model["seq"][0].weight is conv.weight
+    assert len(report.swapped) == 2

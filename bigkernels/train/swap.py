@@ -379,12 +379,11 @@ class _Walk:
                 replacement = f"bigkernels.nn.Conv2d(activation={act[0]!r})"
             stock_names = " + ".join(_type_name(m) for m in run)
             self.report.swapped.append(Swapped(where, stock_names, replacement))
+            # Not recorded in self.done: were the conv also used elsewhere, that place must get a
+            # plain swap (sharing the same Parameters), not this block with its batch norm and activation.
             sequential._modules[names[i]] = fused
-            self.done[id(conv)] = fused
             for k in range(1, len(run)):
-                identity = nn.Identity()
-                sequential._modules[names[i + k]] = identity
-                self.done[id(run[k])] = identity
+                sequential._modules[names[i + k]] = nn.Identity()
             i += len(run)
         if renames:
             _renaming_hooks(sequential, renames)
