@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-DEV_DEPS := ninja numpy triton pytest hypothesis expecttest pytest-benchmark matplotlib wheel
+DEV_DEPS := ninja numpy triton pytest hypothesis expecttest pytest-benchmark matplotlib wheel scikit-learn
 BENCH_ARGS ?= --quick
 export MAX_JOBS ?= 2
 

@@ -13,6 +13,11 @@ from bigkernels._extension import ExtensionUnavailable
 from bigkernels import ops, nn, reference
 from bigkernels._version import __version__
 
+# --- training utilities (issue 7) ---
+from bigkernels import train
+from bigkernels.train import optimize
+# --- end training utilities ---
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
@@ -21,5 +26,7 @@ __all__ = [
     "nn",
     "ops",
     "reference",
+    "optimize",
+    "train",
     "use_backend",
 ]

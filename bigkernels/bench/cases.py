@@ -36,6 +36,11 @@ OP_MODULES: dict[str, str] = {
     # ---- attention ----
     "attention": "bigkernels.bench.attention",
     "conv": "bigkernels.bench.conv",  # issue 5
+    # --- end-to-end model cases (issue 6): "module:ATTRIBUTE" names an OpBench other than BENCH ---
+    "e2e_cnn": "bigkernels.bench.models:CNN_BENCH",
+    "e2e_lstm": "bigkernels.bench.models:LSTM_BENCH",
+    "e2e_transformer": "bigkernels.bench.models:TRANSFORMER_BENCH",
+    # --- end of end-to-end model cases ---
 }
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -145,7 +150,8 @@ def op_names() -> tuple[str, ...]:
 def get_op(name: str) -> OpBench:
     if name not in OP_MODULES:
         raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_MODULES)}")
-    return importlib.import_module(OP_MODULES[name]).BENCH
+    module, _, attribute = OP_MODULES[name].partition(":")  # "module" or "module:ATTRIBUTE"
+    return getattr(importlib.import_module(module), attribute or "BENCH")
 
 
 def select_cases(
