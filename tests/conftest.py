@@ -39,3 +39,15 @@ def poison_empty():
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: for tiny models a second thread only adds contention
+    (several times slower on a busy 2-core CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

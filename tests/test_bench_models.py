@@ -11,14 +11,8 @@ from bigkernels.bench import models, runner, timing
 from bigkernels.bench.cases import Case
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention (several times slower on a busy
-    2-core CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = timing.Budget(target_s=0.005, min_samples=2, warmup_s=0.001)
 TINY_SHAPES = {

@@ -13,14 +13,8 @@ from torch.utils.data import TensorDataset
 from bigkernels import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention (several times slower on a busy
-    2-core CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(n: int = 48, seed: int = 0) -> TensorDataset:
