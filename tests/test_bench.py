@@ -428,3 +428,16 @@ def test_cli_list_runs_nothing(capsys):
     out = capsys.readouterr().out
     assert "lstm_cell/fwd/cpu/fp32/B=1,I=128,H=128" in out and "torch.compile" in out
     assert out.rstrip().endswith(f"{len(registry.select_cases(device='cpu'))} cases")
+
+
+def test_attention_peers_are_skipped_with_a_note_when_they_cannot_run():
+    """Peers (flash-attn, xformers) join a case only when installed and able to run it; otherwise
+    the case lists each with its reason, and never errors."""
+    from bigkernels.bench import attention
+
+    case = Case("attention", {"B": 1, "H": 2, "L": 16, "D": 8, "causal": 0}, torch.float32, "fwd", "cpu")
+    providers, skipped = attention.providers(case, full=False)
+    names = [p.name for p in providers]
+    for peer in attention.PEERS:
+        assert peer not in names
+        assert skipped[peer]  # "... is not installed" or "runs on CUDA tensors only"

@@ -10,6 +10,8 @@ GPU grid (FlashAttention's benchmark convention): bf16, B·L = 16384 tokens, H·
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -153,12 +155,52 @@ def _torch_compile(case: Case, inputs: Inputs) -> Step:
     return _step(case, inputs, compiled)
 
 
+# ------------------------------------------------------------------------- optional peers
+# Peers take (B, L, H, D) tensors: the (B, H, L, D) inputs are passed as transposed views (no copy),
+# which is what a model holding (B, L, H, D) activations would hand them.
+def _flash_attn(case: Case, inputs: Inputs) -> Step:
+    from flash_attn import flash_attn_func  # noqa: PLC0415  (optional peer)
+
+    causal = bool(case.shape["causal"])
+    return _step(case, inputs, lambda q, k, v: flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2))
+
+
+def _xformers(case: Case, inputs: Inputs) -> Step:
+    from xformers.ops import LowerTriangularMask, memory_efficient_attention  # noqa: PLC0415
+
+    bias = LowerTriangularMask() if case.shape["causal"] else None
+    return _step(case, inputs, lambda q, k, v: memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias).transpose(1, 2))
+
+
+PEERS = {"flash-attn": ("flash_attn", _flash_attn), "xformers": ("xformers", _xformers)}
+
+
+def _peer_providers(case: Case) -> tuple[list[Provider], dict[str, str]]:
+    """The installed peers that can run the case; each other one with the reason it is left out."""
+    found, skipped = [], {}
+    for name, (module, build) in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            skipped[name] = f"{module} is not installed"
+        elif case.device != "cuda":
+            skipped[name] = "runs on CUDA tensors only"
+        elif name == "flash-attn" and case.dtype not in (torch.float16, torch.bfloat16):
+            skipped[name] = "takes float16/bfloat16 only"
+        else:
+            found.append(Provider(name, build))
+    return found, skipped
+
+
 def providers(case: Case, full: bool) -> tuple[list[Provider], dict[str, str]]:
     backends, skipped = bigkernels_backends(OP, case.device, full)
     if "reference" in backends:  # its L x S float matrices at these lengths: gigabytes per head
         backends.remove("reference")
         skipped[bigkernels_provider_name("reference")] = "materialises the L x S scores; not timed at these sizes"
-    return [_bigkernels(b) for b in backends] + [Provider(TORCH, _torch_eager), Provider(TORCH_COMPILE, _torch_compile)], skipped
+    peers, peers_skipped = _peer_providers(case)
+    skipped.update(peers_skipped)
+    stock = [Provider(TORCH, _torch_eager), Provider(TORCH_COMPILE, _torch_compile)]
+    return [_bigkernels(b) for b in backends] + stock + peers, skipped
 
 
 BENCH = OpBench(
