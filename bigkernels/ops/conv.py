@@ -167,13 +167,10 @@ torch.library.register_autograd(
 )
 
 if _extension.AVAILABLE:
+    # The C++ op's autograd is in C++ (csrc/autograd/conv.cpp): this Python formula's per-call cost
+    # was a visible share of a small conv. Same contract as _make_backward above.
     torch.library.register_fake("bigkernels::conv")(_fake_forward)
     torch.library.register_fake("bigkernels::conv_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "bigkernels::conv",
-        _make_backward(torch.ops.bigkernels.conv.default, torch.ops.bigkernels.conv_backward.default),
-        setup_context=_setup_context,
-    )
 
 
 # ------------------------------------------------------------------------------ argument checks

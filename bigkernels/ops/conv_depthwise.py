@@ -20,9 +20,11 @@ from torch import Tensor
 
 from bigkernels import _backend, _extension, reference
 from bigkernels.ops._checks import check_floating, check_like, check_tensor
+# The general conv op and this one share the activation names, the layout rule and act's needs.
+from bigkernels.ops.conv import ACTIVATIONS, grad_needs_preactivation
+from bigkernels.ops.conv import output_memory_format as memory_format
 
 OP = "conv_depthwise"
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "leaky_relu")
 # Largest kernel side the kernels take (RepLKNet's 31x31).
 MAX_KERNEL = 31
 
@@ -30,23 +32,6 @@ IntPair = Union[int, Sequence[int]]
 
 
 # -------------------------------------------------------------------------------------- helpers
-def memory_format(input: Tensor) -> torch.memory_format:
-    """The kernels' rule (csrc/common/conv_depthwise.h): channels_last only for an input that is
-    channels_last-contiguous and not also NCHW-contiguous; the output takes this format."""
-    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def grad_needs_preactivation(activation: str, negative_slope: float) -> bool:
-    """True when act'(z) cannot be computed from the output (activation.h: activation_grad_from_output)."""
-    if activation in ("none", "relu", "sigmoid"):
-        return False
-    if activation == "leaky_relu":
-        return not negative_slope > 0
-    return True
-
-
 def _pair(value: IntPair, name: str) -> list[int]:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -145,42 +130,11 @@ def _fake_backward(grad_output, input, weight, output, preactivation, stride, pa
 
 
 # ------------------------------------------------------------------------------------ autograd
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, residual, stride, padding, dilation, activation, negative_slope, _need = inputs
-    out, preactivation = output
-    ctx.save_for_backward(input, weight, bias, residual, out, preactivation)
-    ctx.conv_args = (stride, padding, dilation, activation, negative_slope)
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
-
-
-def _backward(ctx, grad_output, _grad_preactivation):
-    input, weight, bias, residual, out, preactivation = ctx.saved_tensors
-    stride, padding, dilation, activation, negative_slope = ctx.conv_args
-    need = ctx.needs_input_grad
-    if grad_needs_preactivation(activation, negative_slope) and preactivation.dim() != 4:
-        # The forward ran as inference (need_preactivation=False) and was differentiated anyway,
-        # e.g. a direct op call: recompute z rather than fail.
-        out, preactivation = torch.ops.bigkernels.conv_depthwise.default(
-            input, weight, bias, residual, stride, padding, dilation, activation, negative_slope, True
-        )
-    mask = [need[0], need[1], ctx.has_bias and need[2], ctx.has_residual and need[3]]
-    g_input, g_weight, g_bias, g_residual = torch.ops.bigkernels.conv_depthwise_backward.default(
-        grad_output, input, weight, out, preactivation, stride, padding, dilation, activation, negative_slope, mask
-    )
-    return (
-        g_input if mask[0] else None,
-        g_weight if mask[1] else None,
-        g_bias if mask[2] else None,
-        g_residual if mask[3] else None,
-        None, None, None, None, None, None,
-    )
-
-
 if _extension.AVAILABLE:
+    # Autograd is in C++ (csrc/autograd/conv.cpp, shared with bigkernels::conv): a Python formula's
+    # per-call cost was a visible share of a small depthwise conv.
     torch.library.register_fake("bigkernels::conv_depthwise")(_fake_forward)
     torch.library.register_fake("bigkernels::conv_depthwise_backward")(_fake_backward)
-    torch.library.register_autograd("bigkernels::conv_depthwise", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------- public API
