@@ -254,9 +254,31 @@ def test_hypothesis_sweep_cpu(n, cg, kg, groups, h, w, r, s, stride, padding, di
     c, k = cg * groups, kg * groups
     if h + 2 * padding[0] < dilation[0] * (r - 1) + 1 or w + 2 * padding[1] < dilation[1] * (s - 1) + 1:
         return  # kernel larger than the padded input: a bad-input case, tested below
+    if channels_last and min(h, w) == 1:
+        channels_last = False  # stock conv2d can crash there (see test_degenerate_channels_last_input)
     tensors, geo = make_case(n, c, h, w, k, (r, s), stride, padding, dilation, groups, bias=bias, residual=residual, seed=seed)
     for dtype in (torch.float32, torch.float64):
         check_against_stock("cpu", "cpu", dtype, tensors, geo, activation, channels_last, seed=seed)
+
+
+def test_degenerate_channels_last_input():
+    """torch 2.13's own F.conv2d dies with SIGSEGV on this channels_last input (a spatial side of 1, so
+    degenerate strides); ours runs the core on an NCHW copy and returns the caller's layout. Compared
+    with stock on the NCHW input (which does not crash)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 6, 5, 1, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 2, 2, 1, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    geometry = dict(stride=(3, 2), padding=(2, 3), dilation=(2, 2), groups=3)
+    with bigkernels.use_backend("cpu"):
+        y = conv2d(x, w, b, **geometry, activation="silu")
+    leaves = [t.detach().contiguous().requires_grad_() for t in (x, w, b)]
+    expected = F.silu(F.conv2d(*leaves, **geometry))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected)
+    grad = torch.randn(expected.shape, generator=g)
+    for ours_grad, stock_grad in zip(torch.autograd.grad(y, (x, w, b), grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(ours_grad, stock_grad)
 
 
 # ----------------------------------------------------------------------------- gradcheck, opcheck

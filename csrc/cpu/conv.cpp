@@ -149,6 +149,16 @@ struct ConvGeometry {
   int64_t batch, channels, height, width, filters, kernel_h, kernel_w, out_h, out_w;
 };
 
+// torch 2.13's CPU convolution crashes (SIGSEGV, stock F.conv2d included) on some channels_last
+// inputs with a spatial size of 1, e.g. input (1, 6, 5, 1) channels_last, weight (6, 2, 2, 1), bias,
+// stride (3, 2), padding (2, 3), dilation 2, groups 3. Such a tensor's channels_last strides are
+// degenerate; the ATen/oneDNN core gets an NCHW copy of it (tiny by construction: one spatial side
+// is 1) and the results still come back in the caller's layout.
+at::Tensor core_layout(const at::Tensor& t, at::MemoryFormat layout) {
+  const bool degenerate = layout == at::MemoryFormat::ChannelsLast && (t.size(2) == 1 || t.size(3) == 1);
+  return degenerate ? t.contiguous() : t;
+}
+
 // Below this many output elements the fused primitive's fixed cost (~40 us on the machine below:
 // it builds its oneDNN primitive on every call, where at::convolution caches its own) outweighs the
 // pass over the output it saves (~0.5 MB of float32 read and written).
@@ -237,6 +247,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
   const bool has_residual = residual.has_value() && residual->defined();
   const bool keep_z = need_preactivation && !activation_grad_from_output(act, negative_slope);
 
+  const at::Tensor core_input = core_layout(input, layout);
   at::Tensor res;
   if (has_residual) res = residual->is_contiguous(layout) ? *residual : residual->contiguous(layout);
   at::Tensor preactivation = at::empty({0}, input.options());
@@ -246,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
     // The activation goes into the primitive unless z must be kept, or a residual comes first and
     // the activation is not relu (oneDNN's residual fusion takes relu only).
     const bool act_in_primitive = !keep_z && (!has_residual || act == Activation::ReLU);
-    at::Tensor fused = onednn_fused_conv(input, weight.contiguous(), bias, res, stride, padding, dilation, groups,
+    at::Tensor fused = onednn_fused_conv(core_input, weight.contiguous(), bias, res, stride, padding, dilation, groups,
                                          act_in_primitive ? act : Activation::None, negative_slope);
     if (fused.defined()) {
       fused = in_layout(fused, layout);
@@ -264,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
 
   // Generic path: the convolution with the bias folded in, then one pass for residual + activation.
   // The result is a fresh tensor we own, so the pass may overwrite it.
-  at::Tensor conv = at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
+  at::Tensor conv = at::convolution(core_input, weight, bias, stride, padding, dilation, /*transposed=*/false,
                                     /*output_padding=*/{0, 0}, groups);
   conv = in_layout(conv, layout);
   if (!has_residual && act == Activation::None) return {conv, preactivation};
@@ -319,8 +330,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   const bool any_conv_grad = output_mask[0] || output_mask[1] || output_mask[2];
   if (any_conv_grad) {
     const std::vector<int64_t> bias_sizes{g.filters};
+    const at::Tensor core_input = core_layout(input, layout);
     std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
-        grad_z, input, weight, output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
+        core_input.is_same(input) ? grad_z : grad_z.contiguous(), core_input, weight, output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
         padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
         {output_mask[0], output_mask[1], output_mask[2]});
   }
