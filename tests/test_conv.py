@@ -158,7 +158,7 @@ def test_every_activation(backend, device, dtypes, activation, poison_empty):
 ONEDNN_CASES = [
     ((2, 16, 48, 48, 32, (3, 3), 1, 1, 1, 1), True, True),  # channels_last + residual
     ((2, 16, 96, 96, 32, (3, 3), 2, 1, 1, 1), True, False),  # channels_last, strided, no residual
-    ((1, 64, 48, 48, 64, (7, 7), 1, 3, 1, 64), False, False),  # depthwise 7x7 NCHW
+    ((1, 64, 48, 48, 64, (7, 7), 1, 3, 1, 64), True, False),  # depthwise 7x7 channels_last (inference: oneDNN)
     ((2, 32, 48, 48, 32, (1, 1), 1, 0, 1, 1), False, True),  # NCHW 1x1 + residual
 ]
 ONEDNN_ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "leaky_relu", None]
@@ -198,6 +198,8 @@ def test_cpu_core_choice():
     for case in ONEDNN_CASES:
         assert fused_calls(*case) == 1, case
     assert fused_calls((1, 3, 7, 9, 5, (3, 3), 1, 1, 1, 1), False, True) == 0
+    # NCHW depthwise goes to the direct kernel (bigkernels/ops/conv.py _pick_op), not through oneDNN.
+    assert fused_calls((1, 64, 48, 48, 64, (7, 7), 1, 3, 1, 64), False, False) == 0
 
 
 def test_cpu_generic_core_without_onednn():

@@ -283,11 +283,13 @@ def _is_depthwise(input: Tensor, weight: Tensor, groups: int) -> bool:
     return groups == channels and weight.shape[0] == channels and weight.shape[1] == 1 and channels > 1
 
 
-# CPU depthwise: the direct kernel (csrc/cpu/conv_depthwise.cpp) against oneDNN inside the conv op,
-# measured single-threaded (fp32, N=8..16, C=64..256, 14..56 px): forward 1.16-4.2x faster for 3x3 but
-# 0.69-0.98x for 7x7; forward+backward 1.6-2.2x faster for 7x7. So inference with kernels larger than
-# this stays on the conv op; training and small kernels take the direct kernel.
-CPU_DEPTHWISE_MAX_INFERENCE_KERNEL = 5
+# CPU depthwise: the direct kernel (csrc/cpu/conv_depthwise.cpp) or oneDNN inside the conv op. Measured
+# side by side on the idle 2-core Xeon (fp32, bias + relu, inference): NCHW input, the direct kernel
+# is the fastest everywhere (N=1..8, C=64..256, 14..56 px, 3x3 and 7x7: 0.25 vs 1.18 ms for oneDNN at
+# 1x96x56x56 7x7); channels_last input, it ties oneDNN at batch 1 but loses at batch 4-8 with 7x7
+# (1.13 vs 0.62 ms). Training takes the direct kernel (its backward: 1.6-2.9x faster fwd+bwd at 7x7).
+# So channels_last inference with kernels larger than this stays on the conv op.
+CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL = 5
 
 
 def _depthwise_runner(input, weight, bias, residual, stride, padding, dilation, groups, activation,
@@ -312,7 +314,8 @@ def _pick_op(backend: str, input: Tensor, weight: Tensor, groups: int, training:
             "bigkernels backend 'cuda' cannot run conv: the CUDA C++ kernel covers depthwise convolutions only; "
             "use the 'triton' backend"
         )
-    if depthwise and (training or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_INFERENCE_KERNEL):
+    if depthwise and (training or output_memory_format(input) != torch.channels_last
+                      or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL):
         return _depthwise_runner
     return torch.ops.bigkernels.conv.default
 
