@@ -52,20 +52,8 @@ def lstm_layer(
     last step. P = w_hr.shape[0] with a projection (h = (o * tanh(c)) @ w_hr^T), else H.
     reverse runs the steps from last to first (the backward direction of a bidirectional LSTM).
     """
-    sizes, offsets, order = _schedule(input, batch_sizes, reverse)
-    rows = input.reshape(-1, input.shape[-1])
-    h, c = h0, c0
-    outputs: list[Tensor | None] = [None] * len(sizes)
-    for t in order:
-        n = sizes[t]
-        # Rows past n are finished (forward) or not yet started (reverse): their state is kept.
-        hy, cy = lstm_cell(rows[offsets[t]:offsets[t] + n], h[:n], c[:n], w_ih, w_hh, b_ih, b_hh)
-        if w_hr is not None:
-            hy = hy @ w_hr.t()
-        outputs[t] = hy
-        h = torch.cat([hy, h[n:]])
-        c = torch.cat([cy, c[n:]])
-    return _join_steps(outputs, input, batch_sizes, h0), h, c
+    # The layer-norm / zoneout generalisation below, with both off: one implementation of the maths.
+    return lstm_layer_ext(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
 
 
 def _schedule(input: Tensor, batch_sizes: Tensor | None, reverse: bool) -> tuple[list[int], list[int], range]:
