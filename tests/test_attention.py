@@ -584,6 +584,25 @@ def test_float16_on_cpu():
     compare("cpu", "cpu", torch.float16, (q, k, v, None), call, stock)
 
 
+@pytest.mark.parametrize("inputs", ["float32", "mixed", "float64"])
+def test_autocast_cpu_runs_in_the_autocast_dtype_like_torch(inputs):
+    """torch's SDPA is on CPU autocast's lower-precision list: float32 (and mixed) inputs run and return
+    in bfloat16, float64 stays float64, a float mask is cast with them. Ours does the same, and its
+    bfloat16 result meets the DESIGN rule against the float64 reference."""
+    q, k, v, mask = *make_qkv(2, 2, 2, 9, 13, 8, 8, seed=103), rand(9, 13, seed=104)
+    if inputs != "float64":
+        q, k, v, mask = (t.float() for t in (q, k, v, mask))
+    if inputs == "mixed":
+        q = q.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sdpa(q, k, v, attn_mask=mask)
+        stock = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert ours.dtype == stock.dtype == (torch.float64 if inputs == "float64" else torch.bfloat16)
+    ref = reference.attention(*(t.double() for t in (q, k, v)), mask.double().expand(2, 2, 9, 13),
+                              1 / math.sqrt(8), (-1, -1))[0]
+    assert_matches("output", ours, stock, ref)
+
+
 # ------------------------------------------------------------------------------------ benchmark
 def test_bench_cases_flops_and_providers():
     from bigkernels.bench import attention as bench

@@ -12,13 +12,17 @@ from torch import Tensor
 
 
 def autocast_args(args: tuple, device: torch.device, device_types: tuple[str, ...]) -> tuple:
-    """`args` with each floating tensor cast to the autocast dtype, when autocast is on for `device` and
-    its type is one of `device_types` (the devices where the stock op runs in the autocast dtype);
-    else `args` unchanged. Non-tensors (None, ints, tensors of other kinds) pass through."""
+    """`args` with each float32/float16/bfloat16 tensor cast to the autocast dtype, when autocast is on
+    for `device` and its type is one of `device_types` (the devices where the stock op runs in the
+    autocast dtype); else `args` unchanged. Like autocast itself, float64 tensors are left alone (a
+    float64 op stays float64), and so are non-tensors (None, ints) and tensors of other kinds."""
     if device.type not in device_types or not torch.is_autocast_enabled(device.type):
         return args
     dtype = torch.get_autocast_dtype(device.type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in args)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t for t in args)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def needs_workspace(tensors: tuple[Optional[Tensor], ...]) -> bool:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from bigkernels import _backend, _extension, reference
 from bigkernels.ops._checks import check_floating, check_like, check_tensor
+from bigkernels.ops._dispatch import autocast_args
 
 OP = "attention"
 # dropout_seed is [seed, offset], drawn uniformly below 2^62 (any int64 works; this keeps it positive).
@@ -266,10 +267,15 @@ def scaled_dot_product_attention(
         and lse (Hq, total_q). max_seqlen_q/k: the longest sequences (computed when None).
 
     Devices and dtypes: CPU float32/float64/bfloat16/float16 (C++ kernels), CUDA float16/bfloat16/
-    float32 (Triton kernels), anything on the reference backend. A row whose keys are all masked gives
+    float32 (Triton kernels), anything on the reference backend. Under autocast (CPU or CUDA) it runs
+    in the autocast dtype, as torch's function does. A row whose keys are all masked gives
     output 0 (torch's math path since 2.5) and zero gradients. Never materialises the L x S scores:
     extra memory O(L + S) per head, forward and backward.
     """
+    if isinstance(query, Tensor):
+        # torch's SDPA is on autocast's lower-precision lists of both devices: under autocast it runs
+        # (and returns) in the autocast dtype, float64 inputs excepted.
+        query, key, value, attn_mask = autocast_args((query, key, value, attn_mask), query.device, ("cuda", "cpu"))
     _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)
     left, right = _window(is_causal, window_size)
     backend = _backend.resolve(OP, query.device)
