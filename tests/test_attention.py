@@ -471,6 +471,23 @@ def test_compile_fullgraph():
     torch.testing.assert_close(causal(q, k, v), sdpa(q, k, v, is_causal=True, enable_gqa=True, window_size=(3, -1)))
 
 
+def test_compile_fullgraph_varlen_without_max_seqlen():
+    """Varlen without max_seqlen_q/k reads no tensor value under compile: no graph break."""
+    q, k, v = (t.float().requires_grad_() for t in make_qkv(1, 4, 4, 10, 10, 8, 8, seed=93))
+    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (total, heads, E): sequences of 3 and 7 rows
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+
+    def f(q, k, v):
+        return sdpa(q, k, v, is_causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(f(q, k, v).sum(), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------------------------- memory
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch

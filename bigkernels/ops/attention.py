@@ -264,7 +264,9 @@ def scaled_dot_product_attention(
       cu_seqlens_q / cu_seqlens_k: varlen (packed) sequences in FlashAttention's layout: query
         (total_q, Hq, E), key (total_k, Hk, E), value (total_k, Hk, Ev), cu_seqlens int32 (N + 1,)
         cumulative lengths; sequence n is rows cu[n]:cu[n+1]; no attn_mask. Returns (total_q, Hq, Ev)
-        and lse (Hq, total_q). max_seqlen_q/k: the longest sequences (computed when None).
+        and lse (Hq, total_q). max_seqlen_q/k: the longest sequences, or any upper bound (on CUDA,
+        computed with one device read when None, except under torch.compile, which takes the packed
+        total: pass them to get the tightest Triton grid there).
 
     Devices and dtypes: CPU float32/float64/bfloat16/float16 (C++ kernels), CUDA float16/bfloat16/
     float32 (Triton kernels), anything on the reference backend. Under autocast (CPU or CUDA) it runs
@@ -331,6 +333,10 @@ def scaled_dot_product_attention(
     return (out, lse) if return_lse else out
 
 
+def _longest_sequence(cu_seqlens: Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
+
+
 def _varlen(query, key, value, attn_mask, dropout_p, scale, enable_gqa, return_lse, left, right, cu_q, cu_k,
             max_q, max_k, backend):
     if cu_q is None or cu_k is None:
@@ -357,10 +363,14 @@ def _varlen(query, key, value, attn_mask, dropout_p, scale, enable_gqa, return_l
         raise ValueError(f"query has {heads_q} heads and key {heads_k}: they must be equal, or (enable_gqa=True) "
                          f"the query's a multiple of the key's")
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    # Only the Triton kernels use max_seqlen (to size their grid). Any upper bound is correct: the
+    # packed total costs no device read and keeps torch.compile's graph whole; eager CUDA calls read
+    # the exact longest length (a smaller grid).
+    exact = query.is_cuda and not torch.compiler.is_compiling()
     if max_q is None:
-        max_q = int((cu_q[1:] - cu_q[:-1]).max().item()) if cu_q.numel() > 1 else 0
+        max_q = _longest_sequence(cu_q) if exact else query.shape[0]
     if max_k is None:
-        max_k = int((cu_k[1:] - cu_k[:-1]).max().item()) if cu_k.numel() > 1 else 0
+        max_k = _longest_sequence(cu_k) if exact else key.shape[0]
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
