@@ -143,11 +143,8 @@ if _extension.AVAILABLE:
     def _fake_dropout_mask(seed, B, H, L, S, p):
         return seed.new_empty((B, H, L, S), dtype=torch.bool)
 
-    torch.library.register_autograd(
-        "bigkernels::attention",
-        _make_backward(torch.ops.bigkernels.attention_backward.default),
-        setup_context=_setup_context,
-    )
+    # bigkernels::attention's autograd is C++ (csrc/autograd/attention.cpp): the Python formula's
+    # per-call cost was more than the kernel's at small heads.
 
 
 def dropout_keep_mask(seed: Tensor, batch: int, heads: int, length_q: int, length_k: int, p: float,
@@ -222,6 +219,20 @@ def _call_op(backend, q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, righ
     return op(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
 
 
+def _broadcast_shapes(*shapes) -> tuple:
+    """torch.broadcast_shapes for a few short shapes, without its cost (~25 us a call, measured): this
+    runs on every call, and small attentions take about as long as that."""
+    ndim = max(len(shape) for shape in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] != 1 and out[i] != size:
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return tuple(out)
+
+
 def _window(is_causal: bool, window_size) -> tuple[int, int]:
     left, right = int(window_size[0]), int(window_size[1])
     if is_causal:  # torch's top-left aligned causal mask: key j <= query i
@@ -286,33 +297,15 @@ def scaled_dot_product_attention(
                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend)
     _check_padded_shapes(query, key, value, enable_gqa)
 
-    # Canonical layout: (B, H, L, E) with broadcast batch dims expanded (stride 0, no copy when
-    # there is one batch dim).
-    rank = max(query.dim(), key.dim(), value.dim(), 3)
-    q, k, v = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
-    try:
-        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    except RuntimeError as exc:
-        raise ValueError(f"query, key and value batch dims must broadcast, got query {tuple(query.shape)}, "
-                         f"key {tuple(key.shape)}, value {tuple(value.shape)}") from exc
-    heads_q, heads_k = q.shape[-3], k.shape[-3]
-    if not (enable_gqa and heads_q != heads_k):
-        try:
-            heads_q = heads_k = torch.broadcast_shapes(q.shape[-3:-2], k.shape[-3:-2], v.shape[-3:-2])[0]
-        except RuntimeError as exc:
-            raise ValueError(f"query, key and value must have the same number of heads (dim -3) unless "
-                             f"enable_gqa=True, got {q.shape[-3]}, {k.shape[-3]}, {v.shape[-3]}") from exc
-    length_q, length_k, dim_e, dim_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    flat = math.prod(batch)
-    q = q.expand(*batch, heads_q, length_q, dim_e).reshape(flat, heads_q, length_q, dim_e)
-    k = k.expand(*batch, heads_k, length_k, dim_e).reshape(flat, heads_k, length_k, dim_e)
-    v = v.expand(*batch, heads_k, length_k, dim_v).reshape(flat, heads_k, length_k, dim_v)
+    q, k, v, batch, rank = _canonical(query, key, value, enable_gqa)
+    heads_q, length_q, length_k, dim_e, dim_v = q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    flat = q.shape[0]
 
     mask = None
     if attn_mask is not None:
         full = (*batch, heads_q, length_q, length_k)
         try:
-            torch.broadcast_shapes(tuple(attn_mask.shape), full)
+            _broadcast_shapes(tuple(attn_mask.shape), full)
             if attn_mask.dim() > len(full):
                 raise RuntimeError
         except RuntimeError as exc:
@@ -325,12 +318,41 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(dim_e) if dim_e > 0 else 1.0
     out, lse = _call_op(backend, q, k, v, mask, None, None, 0, 0, float(scale), left, right, float(dropout_p))
-    out_rank = max(query.dim(), key.dim(), value.dim())
-    out = out.reshape(*batch, heads_q, length_q, dim_v)
-    lse = lse.reshape(*batch, heads_q, length_q)
-    if out_rank < rank:
-        out, lse = out.squeeze(0), lse.squeeze(0)
+    if rank != 4:
+        out = out.reshape(*batch, heads_q, length_q, dim_v)
+        lse = lse.reshape(*batch, heads_q, length_q)
+        if max(query.dim(), key.dim(), value.dim()) < rank:
+            out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
+
+
+def _canonical(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """query, key, value as (B, H, L, E) with the broadcast batch dims expanded (stride 0) and
+    flattened (no copy when there is one batch dim); also the batch dims and the working rank."""
+    if (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
+            and key.shape[1] == value.shape[1] and (query.shape[1] == key.shape[1] or enable_gqa)):
+        # Already canonical (the common case, e.g. MultiheadAttention): no reshapes, ~10 us a call.
+        return query, key, value, (query.shape[0],), 4
+    rank = max(query.dim(), key.dim(), value.dim(), 3)
+    q, k, v = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    try:
+        batch = _broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError as exc:
+        raise ValueError(f"query, key and value batch dims must broadcast, got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}, value {tuple(value.shape)}") from exc
+    heads_q, heads_k = q.shape[-3], k.shape[-3]
+    if not (enable_gqa and heads_q != heads_k):
+        try:
+            heads_q = heads_k = _broadcast_shapes(q.shape[-3:-2], k.shape[-3:-2], v.shape[-3:-2])[0]
+        except RuntimeError as exc:
+            raise ValueError(f"query, key and value must have the same number of heads (dim -3) unless "
+                             f"enable_gqa=True, got {q.shape[-3]}, {k.shape[-3]}, {v.shape[-3]}") from exc
+    length_q, length_k, dim_e, dim_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    flat = math.prod(batch)
+    q = q.expand(*batch, heads_q, length_q, dim_e).reshape(flat, heads_q, length_q, dim_e)
+    k = k.expand(*batch, heads_k, length_k, dim_e).reshape(flat, heads_k, length_k, dim_e)
+    v = v.expand(*batch, heads_k, length_k, dim_v).reshape(flat, heads_k, length_k, dim_v)
+    return q, k, v, batch, rank
 
 
 def _longest_sequence(cu_seqlens: Tensor) -> int:
