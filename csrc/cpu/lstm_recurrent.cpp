@@ -482,15 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const int64_t H = s.hidden, P = s.proj;
 
   const at::Tensor x2d = input.reshape({s.rows, s.input_size});
-  // With a workspace, the input projection goes straight into it (the epilogue overwrites each
-  // pre-activation with its activated gate): one [rows, 4H] buffer fewer to allocate and fault in.
+  const std::optional<at::Tensor> bias =
+      b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  // The input projection runs a chunk of steps at a time (see projection_chunks): with a
+  // workspace, straight into the chunk's rows of it (the epilogue overwrites each pre-activation
+  // with its activated gate); in inference into one small reused buffer.
+  const std::vector<ProjectionChunk> chunks = projection_chunks(sched, 4 * H * sizeof(float));
   at::Tensor gates = need_workspace ? at::empty({s.rows, 4 * H}, opts) : at::empty({0}, opts);
-  at::Tensor pre = need_workspace ? gates : at::empty({s.rows, 4 * H}, opts);
-  if (b_ih.has_value()) {
-    at::addmm_out(pre, *b_ih + *b_hh, x2d, w_ih.t());
-  } else {
-    at::mm_out(pre, x2d, w_ih.t());
-  }
+  at::Tensor scratch = need_workspace ? at::Tensor() : at::empty({max_chunk_rows(chunks), 4 * H}, opts);
   at::Tensor output = at::empty({s.rows, P}, opts);
   at::Tensor cells = need_workspace ? at::empty({s.rows, H}, opts) : at::empty({0}, opts);
   const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
@@ -499,7 +498,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const int64_t panels = (H + kUnits - 1) / kUnits;
   at::Tensor wp = at::empty({panels * P * 4 * kUnits}, opts);
 
-  const float* pre_p = pre.const_data_ptr<float>();
   const float* w_p = w.const_data_ptr<float>();
   float* wp_p = wp.mutable_data_ptr<float>();
   float* out_p = output.mutable_data_ptr<float>();
@@ -512,40 +510,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
 
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const ProjectionChunk& chunk = chunks[ci];
+    const at::Tensor pre = need_workspace ? gates.narrow(0, chunk.row0, chunk.rows) : scratch;
+    project_inputs(pre, x2d, w_ih, bias, chunk);
+    const float* pre_p = pre.const_data_ptr<float>();
 #pragma omp parallel num_threads(nt)
-  {
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
-    // Each thread packs (and so caches) the panels it multiplies; no other thread reads them.
-    pack_forward_panels(w_p, wp_p, H, P, p0, p1);
-    for (size_t k = 0; k < sched.order.size(); ++k) {
-      const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
-      if (n == 0) continue;
-      ForwardStep st;
-      st.wp = wp_p;
-      st.pre = pre_p + off * 4 * H;
-      if (k == 0) {
-        st.h_prev = {h0_p, 0, h0_p, P};
-        st.c_prev = need_workspace ? RowSource{c0_p, 0, c0_p, H} : RowSource{cells_p, n, c0_p, H};
-      } else {
-        const int64_t tp = sched.order[k - 1];
-        const int64_t m = std::min(n, sched.sizes[tp]), offp = sched.offsets[tp];
-        st.h_prev = {out_p + offp * P, m, h0_p, P};
-        st.c_prev = need_workspace ? RowSource{cells_p + offp * H, m, c0_p, H}
-                                   : RowSource{cells_p, n, c0_p, H};
-      }
-      st.h_out = out_p + off * P;
-      st.c_out = need_workspace ? cells_p + off * H : cells_p;
-      st.gates = need_workspace ? gates_p + off * 4 * H : nullptr;
-      st.part = parts_p + tid * part_size;
-      st.n = n;
-      st.H = H;
-      st.P = P;
-      st.p0 = p0;
-      st.p1 = p1;
-      forward_step_f32(st);
-      // Step k + 1 reads every unit of this step's h.
+    {
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
+      // Each thread packs (and so caches) the panels it multiplies; no other thread reads them.
+      // Later chunks' regions give thread tid the same panels.
+      if (ci == 0) pack_forward_panels(w_p, wp_p, H, P, p0, p1);
+      for (size_t k = chunk.k0; k < chunk.k1; ++k) {
+        const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+        if (n == 0) continue;
+        ForwardStep st;
+        st.wp = wp_p;
+        st.pre = pre_p + (off - chunk.row0) * 4 * H;
+        if (k == 0) {
+          st.h_prev = {h0_p, 0, h0_p, P};
+          st.c_prev = need_workspace ? RowSource{c0_p, 0, c0_p, H} : RowSource{cells_p, n, c0_p, H};
+        } else {
+          const int64_t tp = sched.order[k - 1];
+          const int64_t m = std::min(n, sched.sizes[tp]), offp = sched.offsets[tp];
+          st.h_prev = {out_p + offp * P, m, h0_p, P};
+          st.c_prev = need_workspace ? RowSource{cells_p + offp * H, m, c0_p, H}
+                                     : RowSource{cells_p, n, c0_p, H};
+        }
+        st.h_out = out_p + off * P;
+        st.c_out = need_workspace ? cells_p + off * H : cells_p;
+        st.gates = need_workspace ? gates_p + off * 4 * H : nullptr;
+        st.part = parts_p + tid * part_size;
+        st.n = n;
+        st.H = H;
+        st.P = P;
+        st.p0 = p0;
+        st.p1 = p1;
+        forward_step_f32(st);
+        // Step k + 1 reads every unit of this step's h.
 #pragma omp barrier
+      }
     }
   }
 
