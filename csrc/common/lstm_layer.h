@@ -235,6 +235,33 @@ inline void project_inputs(const at::Tensor& out, const at::Tensor& x2d, const a
   else at::mm_out(dst, x, w_ih.t());
 }
 
+// grad_w_hh = sum over steps of dG_t^T @ h_{t-1}. Unpacked, the previous states are the output
+// shifted by one step (h0 for the first processed step): two GEMMs on views, no [rows, P] copy.
+// Packed sequences (rows carried over differ per step) gather the previous states first.
+inline at::Tensor recurrent_weight_grad(const at::Tensor& grad_gates, const at::Tensor& out2d,
+                                        const at::Tensor& h_init, const LstmSchedule& sched,
+                                        const LstmSizes& s, bool reverse) {
+  const int64_t B = s.batch, rows = s.rows;
+  if (!s.packed) {
+    if (rows == 0) return at::zeros({grad_gates.size(1), s.proj}, grad_gates.options());
+    // Forward order: step t's rows [tB, tB + B) read output rows [(t-1)B, tB); reversed: (t+1)B.
+    const int64_t first = reverse ? rows - B : 0;
+    at::Tensor grad = at::mm(grad_gates.narrow(0, first, B).t(), h_init);
+    if (rows > B) {
+      const at::Tensor dg = grad_gates.narrow(0, reverse ? 0 : B, rows - B);
+      const at::Tensor h = out2d.narrow(0, reverse ? B : 0, rows - B);
+      grad.addmm_(dg.t(), h);
+    }
+    return grad;
+  }
+  at::Tensor h_prev = at::empty({rows, s.proj}, grad_gates.options());
+  for (size_t k = 0; k < sched.order.size(); ++k) {
+    const int64_t t = sched.order[k], n = sched.sizes[t];
+    if (n > 0) h_prev.narrow(0, sched.offsets[t], n).copy_(previous_state(out2d, h_init, sched, k, n));
+  }
+  return at::mm(grad_gates.t(), h_prev);
+}
+
 // The per-step recurrent GEMM, a policy so that a device can multiply against a w_hh it prepared
 // once per call (the CPU packs it for MKL: csrc/cpu/lstm_step_gemm.h). Constructed once per call
 // with the row count most steps run; then per step
@@ -362,13 +389,8 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
   at::Tensor grad_w_ih = empty(), grad_w_hh = empty(), grad_w_hr = empty();
   if (output_mask[1]) {
-    at::Tensor h_prev = at::empty({s.rows, P}, opts);
-    for (size_t k = 0; k < sched.order.size(); ++k) {
-      const int64_t t = sched.order[k], n = sched.sizes[t];
-      if (n > 0) h_prev.narrow(0, sched.offsets[t], n).copy_(previous_state(out2d, h_init, sched, k, n));
-    }
     grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
-    grad_w_hh = at::mm(grad_gates.t(), h_prev);
+    grad_w_hh = recurrent_weight_grad(grad_gates, out2d, h_init, sched, s, reverse);
     if (proj) {
       // r_t = o_t * tanh(c_t), recomputed from the workspace rather than stored.
       const at::Tensor r_all = ws.narrow(1, 3 * H, H) * at::tanh(cs);

@@ -52,14 +52,14 @@ constexpr int kBwdPanels = 4;
 // (32 KiB) stay in the 48 KiB L1 while every row tile passes over them.
 constexpr int64_t kKBlock = 128;
 // Where the fused kernels measured faster than the per-step GEMM path (2-core Sapphire Rapids,
-// T = 64, H = 128..1024, forward and forward+backward): every batch up to 64, and every batch
-// (up to 256 measured) at hidden 128. Beyond, oneDNN-class GEMM efficiency decides and MKL's
-// per-step GEMMs are as fast or slightly faster.
-// Except batch 1 with a w_hh too large for the L2s, where both paths stream w_hh every step and
-// packing it costs more than it saves (hidden 1024: fused 7% slower).
+// T = 64, hidden 128..1024, batch 1..256, forward and forward+backward, against the generic path
+// with its MKL-packed w_hh, csrc/cpu/lstm_step_gemm.h): every batch at hidden 128, and batches up
+// to 64 while w_hh fits the two L2s (hidden 512: fused 10.7 vs generic 10.2 ms forward at batch 8,
+// even at batch 64). Beyond that MKL's packed GEMM is as fast or faster (hidden 1024, batch 8:
+// fused 54 ms, generic 48 ms forward; batch 64: 274 vs 249 ms), and at batch 1 both stream w_hh.
 constexpr int64_t kMaxFusedBatch = 64;
 constexpr int64_t kMaxHiddenAnyBatch = 128;
-constexpr int64_t kMaxWhhBytesAtBatch1 = 8 << 20;
+constexpr int64_t kMaxFusedWhhBytes = 4 << 20;
 
 // 512-bit vectors in the baseline clone only warn about an ABI that never applies here: every
 // function passing them is inlined.
@@ -464,8 +464,8 @@ bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
   if (!cpu_has_avx512()) return false;
   (void)backward;  // the same sizes measured faster in both directions
   const int64_t whh_bytes = 4 * hidden * hidden * static_cast<int64_t>(sizeof(float));
-  if (batch == 1 && whh_bytes > kMaxWhhBytesAtBatch1) return false;
-  return batch <= kMaxFusedBatch || hidden <= kMaxHiddenAnyBatch;
+  if (hidden <= kMaxHiddenAnyBatch) return true;
+  return batch <= kMaxFusedBatch && whh_bytes <= kMaxFusedWhhBytes;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrent_forward(
@@ -658,15 +658,8 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
   at::Tensor grad_w_ih = empty(), grad_w_hh = empty();
   if (output_mask[1]) {
-    at::Tensor h_prev = at::empty({s.rows, P}, opts);
-    for (size_t k = 0; k < sched.order.size(); ++k) {
-      const int64_t t = sched.order[k], n = sched.sizes[t];
-      if (n > 0) {
-        h_prev.narrow(0, sched.offsets[t], n).copy_(previous_state(out2d, h_init, sched, k, n));
-      }
-    }
     grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
-    grad_w_hh = at::mm(grad_gates.t(), h_prev);
+    grad_w_hh = recurrent_weight_grad(grad_gates, out2d, h_init, sched, s, reverse);
   }
   at::Tensor grad_bias = output_mask[2] ? grad_gates.sum(0) : empty();
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, empty()};
