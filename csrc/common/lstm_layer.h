@@ -190,6 +190,7 @@ inline at::Tensor final_state(const at::Tensor& all, const at::Tensor& init,
 // and its steps, and still has enough rows (>= 256 at hidden <= 1024) for an efficient GEMM.
 // Measured on the 2-core Sapphire Rapids (fp32, T = 64, batch 256, hidden 128, inference): the
 // whole-sequence addmm took 15 ms of a 32 ms call, about half of it the bias pass and the faults.
+// CPU only (lstm_layer_forward passes no limit for other devices).
 constexpr int64_t kProjectionChunkBytes = 4 << 20;
 
 // Steps [k0, k1) of the processing order, whose input rows are [row0, row0 + rows) (a step's rows
@@ -295,8 +296,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor x2d = input.reshape({s.rows, s.input_size});
   const std::optional<at::Tensor> bias =
       b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  // Chunked on the CPU only: a GPU wants the one large GEMM (and has no page faults to save).
   const std::vector<ProjectionChunk> chunks =
-      projection_chunks(sched, 4 * H * static_cast<int64_t>(input.element_size()));
+      projection_chunks(sched, 4 * H * static_cast<int64_t>(input.element_size()),
+                        input.is_cpu() ? kProjectionChunkBytes : INT64_MAX);
   at::Tensor pre = at::empty({max_chunk_rows(chunks), 4 * H}, opts);
   size_t chunk = 0;
   at::Tensor output = at::empty({s.rows, P}, opts);
