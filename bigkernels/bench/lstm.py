@@ -44,6 +44,12 @@ CPU_SEQ_LENS = (16, 64)
 CPU_FULL_SEQ_LENS = (16, 64, 256)
 CPU_BATCHES = (1, 16, 64)
 CPU_HIDDENS = (128, 256, 512)
+# --full adds a few of issue 4's larger CPU sizes (batch 8 and 256, hidden 1024, T = 512), not the
+# whole product: at hidden 1024 one fwd+bwd call takes up to ~3 s on the 2-core CPU.
+CPU_FULL_LARGE = (
+    {"T": 64, "B": 8, "H": 1024}, {"T": 64, "B": 64, "H": 1024}, {"T": 64, "B": 256, "H": 512},
+    {"T": 64, "B": 256, "H": 1024}, {"T": 512, "B": 8, "H": 512},
+)
 
 # GPU grid. Quick: bf16, short and long sequences, a few batches and sizes; full adds every size,
 # fp16 and fp32, the variants.
@@ -78,7 +84,7 @@ def shapes(device: str, full: bool) -> list[dict[str, int]]:
     if device == "cpu":
         seq_lens = CPU_FULL_SEQ_LENS if full else CPU_SEQ_LENS
         grid = [_shape(T, B, H) for T in seq_lens for H in CPU_HIDDENS for B in CPU_BATCHES]
-        return grid + _variants(CPU_VARIANT_BASES) if full else grid
+        return grid + [_shape(**large) for large in CPU_FULL_LARGE] + _variants(CPU_VARIANT_BASES) if full else grid
     if full:
         return [_shape(T, B, H) for T in GPU_SEQ_LENS for H in GPU_HIDDENS for B in GPU_BATCHES] + _variants(
             GPU_VARIANT_BASES

@@ -6,6 +6,7 @@
 // torch build does not export them the references resolve to null at load time and the portable
 // loops below take over, so the extension never fails to load because of this.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 extern "C" {
@@ -15,11 +16,29 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+
+// MKL's packed single-precision GEMM (CBLAS, 32-bit integers): pack one operand once, then
+// multiply against the packed copy many times without MKL repacking it every call (the LSTM's
+// per-step recurrent GEMMs, csrc/cpu/lstm_step_gemm.h). Enum values are MKL's CBLAS constants.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 
 namespace bigkernels::cpu::attention_detail {
 
 inline bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// The packed GEMM above, and its constants (row-major; B the packed operand).
+inline bool packed_sgemm_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+         cblas_sgemm_compute != nullptr;
+}
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
+              kCblasBMatrix = 162;
 
 // Portable fallback; also the reference for the argument convention. a is m x k (or k x m when
 // trans_a), b is k x n (or n x k when trans_b), c is m x n; all row-major with leading dims.

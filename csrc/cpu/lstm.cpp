@@ -7,6 +7,7 @@
 #include "../common/lstm_layer.h"
 #include "lstm_pointwise.h"
 #include "lstm_recurrent.h"
+#include "lstm_step_gemm.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -40,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cpu(
     return lstm_recurrent_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                                   need_workspace);
   }
-  return lstm_layer_forward<CpuPointwise>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+  return lstm_layer_forward<CpuPointwise, PackedStepGemm>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                           reverse, need_workspace);
 }
 
@@ -57,7 +58,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     return lstm_recurrent_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                                    w_ih, w_hh, reverse, output, gates, cells, output_mask);
   }
-  return lstm_layer_backward<CpuPointwise>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
+  return lstm_layer_backward<CpuPointwise, PackedStepGemm>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
                                            c0, w_ih, w_hh, w_hr, reverse, output, gates, cells,
                                            output_mask);
 }

@@ -52,14 +52,14 @@ constexpr int kBwdPanels = 4;
 // (32 KiB) stay in the 48 KiB L1 while every row tile passes over them.
 constexpr int64_t kKBlock = 128;
 // Where the fused kernels measured faster than the per-step GEMM path (2-core Sapphire Rapids,
-// T = 64, H = 128..1024, forward and forward+backward): every batch up to 64, and every batch
-// (up to 256 measured) at hidden 128. Beyond, oneDNN-class GEMM efficiency decides and MKL's
-// per-step GEMMs are as fast or slightly faster.
-// Except batch 1 with a w_hh too large for the L2s, where both paths stream w_hh every step and
-// packing it costs more than it saves (hidden 1024: fused 7% slower).
+// T = 64, hidden 128..1024, batch 1..256, forward and forward+backward, against the generic path
+// with its MKL-packed w_hh, csrc/cpu/lstm_step_gemm.h): every batch at hidden 128, and batches up
+// to 64 while w_hh fits the two L2s (hidden 512: fused 10.7 vs generic 10.2 ms forward at batch 8,
+// even at batch 64). Beyond that MKL's packed GEMM is as fast or faster (hidden 1024, batch 8:
+// fused 54 ms, generic 48 ms forward; batch 64: 274 vs 249 ms), and at batch 1 both stream w_hh.
 constexpr int64_t kMaxFusedBatch = 64;
 constexpr int64_t kMaxHiddenAnyBatch = 128;
-constexpr int64_t kMaxWhhBytesAtBatch1 = 8 << 20;
+constexpr int64_t kMaxFusedWhhBytes = 4 << 20;
 
 // 512-bit vectors in the baseline clone only warn about an ABI that never applies here: every
 // function passing them is inlined.
@@ -464,8 +464,8 @@ bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
   if (!cpu_has_avx512()) return false;
   (void)backward;  // the same sizes measured faster in both directions
   const int64_t whh_bytes = 4 * hidden * hidden * static_cast<int64_t>(sizeof(float));
-  if (batch == 1 && whh_bytes > kMaxWhhBytesAtBatch1) return false;
-  return batch <= kMaxFusedBatch || hidden <= kMaxHiddenAnyBatch;
+  if (hidden <= kMaxHiddenAnyBatch) return true;
+  return batch <= kMaxFusedBatch && whh_bytes <= kMaxFusedWhhBytes;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrent_forward(
@@ -482,15 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const int64_t H = s.hidden, P = s.proj;
 
   const at::Tensor x2d = input.reshape({s.rows, s.input_size});
-  // With a workspace, the input projection goes straight into it (the epilogue overwrites each
-  // pre-activation with its activated gate): one [rows, 4H] buffer fewer to allocate and fault in.
+  const std::optional<at::Tensor> bias =
+      b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  // The input projection runs a chunk of steps at a time (see projection_chunks): with a
+  // workspace, straight into the chunk's rows of it (the epilogue overwrites each pre-activation
+  // with its activated gate); in inference into one small reused buffer.
+  const std::vector<ProjectionChunk> chunks = projection_chunks(sched, 4 * H * sizeof(float));
   at::Tensor gates = need_workspace ? at::empty({s.rows, 4 * H}, opts) : at::empty({0}, opts);
-  at::Tensor pre = need_workspace ? gates : at::empty({s.rows, 4 * H}, opts);
-  if (b_ih.has_value()) {
-    at::addmm_out(pre, *b_ih + *b_hh, x2d, w_ih.t());
-  } else {
-    at::mm_out(pre, x2d, w_ih.t());
-  }
+  at::Tensor scratch = need_workspace ? at::Tensor() : at::empty({max_chunk_rows(chunks), 4 * H}, opts);
   at::Tensor output = at::empty({s.rows, P}, opts);
   at::Tensor cells = need_workspace ? at::empty({s.rows, H}, opts) : at::empty({0}, opts);
   const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
@@ -499,7 +498,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const int64_t panels = (H + kUnits - 1) / kUnits;
   at::Tensor wp = at::empty({panels * P * 4 * kUnits}, opts);
 
-  const float* pre_p = pre.const_data_ptr<float>();
   const float* w_p = w.const_data_ptr<float>();
   float* wp_p = wp.mutable_data_ptr<float>();
   float* out_p = output.mutable_data_ptr<float>();
@@ -512,40 +510,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
 
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const ProjectionChunk& chunk = chunks[ci];
+    const at::Tensor pre = need_workspace ? gates.narrow(0, chunk.row0, chunk.rows) : scratch;
+    project_inputs(pre, x2d, w_ih, bias, chunk);
+    const float* pre_p = pre.const_data_ptr<float>();
 #pragma omp parallel num_threads(nt)
-  {
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
-    // Each thread packs (and so caches) the panels it multiplies; no other thread reads them.
-    pack_forward_panels(w_p, wp_p, H, P, p0, p1);
-    for (size_t k = 0; k < sched.order.size(); ++k) {
-      const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
-      if (n == 0) continue;
-      ForwardStep st;
-      st.wp = wp_p;
-      st.pre = pre_p + off * 4 * H;
-      if (k == 0) {
-        st.h_prev = {h0_p, 0, h0_p, P};
-        st.c_prev = need_workspace ? RowSource{c0_p, 0, c0_p, H} : RowSource{cells_p, n, c0_p, H};
-      } else {
-        const int64_t tp = sched.order[k - 1];
-        const int64_t m = std::min(n, sched.sizes[tp]), offp = sched.offsets[tp];
-        st.h_prev = {out_p + offp * P, m, h0_p, P};
-        st.c_prev = need_workspace ? RowSource{cells_p + offp * H, m, c0_p, H}
-                                   : RowSource{cells_p, n, c0_p, H};
-      }
-      st.h_out = out_p + off * P;
-      st.c_out = need_workspace ? cells_p + off * H : cells_p;
-      st.gates = need_workspace ? gates_p + off * 4 * H : nullptr;
-      st.part = parts_p + tid * part_size;
-      st.n = n;
-      st.H = H;
-      st.P = P;
-      st.p0 = p0;
-      st.p1 = p1;
-      forward_step_f32(st);
-      // Step k + 1 reads every unit of this step's h.
+    {
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
+      // Each thread packs (and so caches) the panels it multiplies; no other thread reads them.
+      // Later chunks' regions give thread tid the same panels.
+      if (ci == 0) pack_forward_panels(w_p, wp_p, H, P, p0, p1);
+      for (size_t k = chunk.k0; k < chunk.k1; ++k) {
+        const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+        if (n == 0) continue;
+        ForwardStep st;
+        st.wp = wp_p;
+        st.pre = pre_p + (off - chunk.row0) * 4 * H;
+        if (k == 0) {
+          st.h_prev = {h0_p, 0, h0_p, P};
+          st.c_prev = need_workspace ? RowSource{c0_p, 0, c0_p, H} : RowSource{cells_p, n, c0_p, H};
+        } else {
+          const int64_t tp = sched.order[k - 1];
+          const int64_t m = std::min(n, sched.sizes[tp]), offp = sched.offsets[tp];
+          st.h_prev = {out_p + offp * P, m, h0_p, P};
+          st.c_prev = need_workspace ? RowSource{cells_p + offp * H, m, c0_p, H}
+                                     : RowSource{cells_p, n, c0_p, H};
+        }
+        st.h_out = out_p + off * P;
+        st.c_out = need_workspace ? cells_p + off * H : cells_p;
+        st.gates = need_workspace ? gates_p + off * 4 * H : nullptr;
+        st.part = parts_p + tid * part_size;
+        st.n = n;
+        st.H = H;
+        st.P = P;
+        st.p0 = p0;
+        st.p1 = p1;
+        forward_step_f32(st);
+        // Step k + 1 reads every unit of this step's h.
 #pragma omp barrier
+      }
     }
   }
 
@@ -653,15 +658,8 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
   at::Tensor grad_w_ih = empty(), grad_w_hh = empty();
   if (output_mask[1]) {
-    at::Tensor h_prev = at::empty({s.rows, P}, opts);
-    for (size_t k = 0; k < sched.order.size(); ++k) {
-      const int64_t t = sched.order[k], n = sched.sizes[t];
-      if (n > 0) {
-        h_prev.narrow(0, sched.offsets[t], n).copy_(previous_state(out2d, h_init, sched, k, n));
-      }
-    }
     grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
-    grad_w_hh = at::mm(grad_gates.t(), h_prev);
+    grad_w_hh = recurrent_weight_grad(grad_gates, out2d, h_init, sched, s, reverse);
   }
   at::Tensor grad_bias = output_mask[2] ? grad_gates.sum(0) : empty();
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, empty()};

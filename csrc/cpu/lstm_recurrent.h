@@ -17,7 +17,7 @@ namespace bigkernels::cpu {
 
 // Whether the fused kernels take this call: float32, no projection, a CPU with AVX-512 (the only
 // one they were measured on), and sizes where they measured faster than the per-step GEMM path
-// (batch <= 64, or hidden <= 128). BIGKERNELS_LSTM_CPU_PATH=fused|generic overrides the choice
+// (hidden <= 128, or batch <= 64 with a w_hh of at most 4 MiB). BIGKERNELS_LSTM_CPU_PATH=fused|generic overrides the choice
 // for any float32 call without projection (tests, benchmarks). Cheap; arguments are validated by
 // the kernels themselves.
 bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
