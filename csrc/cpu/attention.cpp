@@ -48,6 +48,11 @@ using namespace attention_detail;
 // 64 x 512 and 64 x 256 were slower without a mask, 256 x 512 wasted the causal savings.
 // Backward: five GEMMs per tile pair and three live tiles (P, dropped P, dP/dS) of 64 x 256;
 // 128 x 128 and 64 x 512 measured slower.
+// Tried and dropped (idle machine, 2 threads, float32, vs torch side by side): packing each key
+// block's K^T and V once per head with MKL's cblas_sgemm_pack and multiplying every query block by
+// them with cblas_sgemm_compute (sgemm's own per-call packing is ~20% of its time in a profile)
+// was slower, not faster: B=8 H=8 L=512 D=64 forward 0.93x torch against 1.05x with sgemm, B=1 H=8
+// L=4096 D=64 0.69x against 1.02x; packing K only: 1.01x and 0.83x.
 constexpr int64_t kFwdBlockQ = 128;
 constexpr int64_t kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 64;
