@@ -48,6 +48,11 @@ using namespace attention_detail;
 // 64 x 512 and 64 x 256 were slower without a mask, 256 x 512 wasted the causal savings.
 // Backward: five GEMMs per tile pair and three live tiles (P, dropped P, dP/dS) of 64 x 256;
 // 128 x 128 and 64 x 512 measured slower.
+// Tried and dropped (idle machine, 2 threads, float32, vs torch side by side): packing each key
+// block's K^T and V once per head with MKL's cblas_sgemm_pack and multiplying every query block by
+// them with cblas_sgemm_compute (sgemm's own per-call packing is ~20% of its time in a profile)
+// was slower, not faster: B=8 H=8 L=512 D=64 forward 0.93x torch against 1.05x with sgemm, B=1 H=8
+// L=4096 D=64 0.69x against 1.02x; packing K only: 1.01x and 0.83x.
 constexpr int64_t kFwdBlockQ = 128;
 constexpr int64_t kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 64;
@@ -127,16 +132,18 @@ struct Inputs {
   }
 };
 
-// Adds the mask and applies the window to one score row; i, j0 are local, gi, gj0 global indices.
+// Adds the mask and applies the window to one score row (in score units: the mask is converted
+// from natural units, see kScoreUnit); i, j0 are local, gi, gj0 global indices.
 template <typename scalar_t, typename acc_t>
 void mask_row(const Inputs<scalar_t>& in, acc_t* s, int64_t nk, int64_t b, int64_t h, int64_t i,
               int64_t gi, int64_t j0, int64_t gj0) {
   if (in.mask != nullptr) {
     const scalar_t* m = in.mask + b * in.sm.b + h * in.sm.h + gi * in.sm.r + gj0 * in.sm.c;
+    const acc_t unit = kScoreUnit<acc_t>;
     if (in.sm.c == 1) {
-      for (int64_t j = 0; j < nk; ++j) s[j] += static_cast<acc_t>(m[j]);
+      for (int64_t j = 0; j < nk; ++j) s[j] += unit * static_cast<acc_t>(m[j]);
     } else {
-      for (int64_t j = 0; j < nk; ++j) s[j] += static_cast<acc_t>(m[j * in.sm.c]);
+      for (int64_t j = 0; j < nk; ++j) s[j] += unit * static_cast<acc_t>(m[j * in.sm.c]);
     }
   }
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -181,7 +188,7 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
       for (int64_t q0 = 0; q0 < in.problems[p].q_len; q0 += kFwdBlockQ) tasks.push_back({p, h, q0});
     }
   }
-  const acc_t scale = static_cast<acc_t>(in.scale);
+  const acc_t score_scale = static_cast<acc_t>(in.scale) * kScoreUnit<acc_t>;  // scores in score units
   const acc_t keep_scale = static_cast<acc_t>(in.keep_scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
@@ -220,7 +227,7 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
         const acc_t* V = as_rows<scalar_t, acc_t>(
             in.v + b * in.sv.b + hk * in.sv.h + (pr.k_start + j0) * in.sv.r, in.sv.r, in.sv.c, nk,
             n.Ev, v_buf.data(), &ldv);
-        gemm<acc_t>(false, true, nq, nk, n.E, scale, Q, ldq, K, ldk, acc_t(0), scores.data(),
+        gemm<acc_t>(false, true, nq, nk, n.E, score_scale, Q, ldq, K, ldk, acc_t(0), scores.data(),
                     kFwdBlockK);
         for (int64_t r = 0; r < nq; ++r) {
           acc_t* s = scores.data() + r * kFwdBlockK;
@@ -236,7 +243,7 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
           if (row_max_[r] == neg_inf) {  // first visible keys of this row: its accumulator is 0
             row_sum[r] = block_sum;
           } else {
-            const acc_t rescale = std::exp(row_max_[r] - new_max);
+            const acc_t rescale = unit_exp(row_max_[r] - new_max);
             row_sum[r] = row_sum[r] * rescale + block_sum;
             if (rescale != acc_t(1) && !first_block) scale_row(acc.data() + r * n.Ev, n.Ev, rescale);
           }
@@ -265,7 +272,7 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
         } else {
           for (int64_t c = 0; c < n.Ev; ++c) o[c * so.c] = static_cast<scalar_t>(a[c] * inv);
         }
-        *lse_out = static_cast<float>(row_max_[r] + std::log(row_sum[r]));
+        *lse_out = static_cast<float>((row_max_[r] + unit_log(row_sum[r])) / kScoreUnit<acc_t>);
       }
     }
   });
@@ -290,19 +297,21 @@ void recompute_lse(const Inputs<scalar_t>& in, const Problem& pr, int64_t h, int
       int64_t ldk;
       const acc_t* K = as_rows<scalar_t, acc_t>(in.k + pr.b * in.sk.b + hk * in.sk.h + (pr.k_start + j0) * in.sk.r,
                                                 in.sk.r, in.sk.c, nk, n.E, k_buf.data(), &ldk);
-      gemm<acc_t>(false, true, nq, nk, n.E, static_cast<acc_t>(in.scale), Q + i0 * ldq, ldq, K, ldk, acc_t(0),
+      gemm<acc_t>(false, true, nq, nk, n.E, static_cast<acc_t>(in.scale) * kScoreUnit<acc_t>, Q + i0 * ldq, ldq, K, ldk, acc_t(0),
                   scores.data(), kFwdBlockK);
       for (int64_t r = 0; r < nq; ++r) {
         acc_t* s = scores.data() + r * kFwdBlockK;
         mask_row(in, s, nk, pr.b, h, i0 + r, pr.q_start + i0 + r, j0, pr.k_start + j0);
         const acc_t new_max = std::max(mx[r], row_max(s, nk));
         if (new_max == neg_inf) continue;
-        const acc_t rescale = mx[r] == neg_inf ? acc_t(0) : std::exp(mx[r] - new_max);
+        const acc_t rescale = mx[r] == neg_inf ? acc_t(0) : unit_exp(mx[r] - new_max);
         sum[r] = sum[r] * rescale + exp_shift_sum(s, nk, new_max);
         mx[r] = new_max;
       }
     }
-    for (int64_t r = 0; r < nq; ++r) lse_out[i0 + r] = sum[r] == acc_t(0) ? neg_inf : mx[r] + std::log(sum[r]);
+    for (int64_t r = 0; r < nq; ++r) {
+      lse_out[i0 + r] = sum[r] == acc_t(0) ? neg_inf : (mx[r] + unit_log(sum[r])) / kScoreUnit<acc_t>;
+    }
   }
 }
 
@@ -318,6 +327,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
   const int64_t group = n.Hq / n.Hk;
   const int64_t units = static_cast<int64_t>(in.problems.size()) * n.Hk;
   const acc_t scale = static_cast<acc_t>(in.scale);
+  const acc_t score_scale = scale * kScoreUnit<acc_t>;  // P is recomputed in score units
   const acc_t keep_scale = static_cast<acc_t>(in.keep_scale);
   // Contiguous gradient layouts: (B, H, rows, cols).
   const Strides4 sgq{n.Hq * n.L * n.E, n.L * n.E, n.E, 1};
@@ -400,7 +410,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
             const int64_t nq = std::min(kBwdBlockQ, i_end - i0);
             const acc_t* Qb = Q[gh] + i0 * ldq[gh];
             const acc_t* dOb = dO[gh] + i0 * lddo[gh];
-            gemm<acc_t>(false, true, nq, nk, n.E, scale, Qb, ldq[gh], K, ldk, acc_t(0), probs.data(),
+            gemm<acc_t>(false, true, nq, nk, n.E, score_scale, Qb, ldq[gh], K, ldk, acc_t(0), probs.data(),
                         kBwdBlockK);
             for (int64_t r = 0; r < nq; ++r) {
               acc_t* p = probs.data() + r * kBwdBlockK;
@@ -410,7 +420,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
               if (this_lse == -std::numeric_limits<acc_t>::infinity()) {
                 std::fill(p, p + nk, acc_t(0));
               } else {
-                exp_shift(p, nk, this_lse);
+                exp_shift(p, nk, this_lse * kScoreUnit<acc_t>);
               }
               if (in.rng.active) {
                 acc_t* pd = dropped.data() + r * kBwdBlockK;
