@@ -34,7 +34,6 @@
 
 #include "conv_epilogue.h"
 #include "conv_pointwise_gemm.h"
-#include "conv_winograd.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -183,33 +182,17 @@ bool prefer_onednn_fused(const at::Tensor& input, const at::Tensor& weight, cons
 }
 
 // ------------------------------------------------------------------ our own tiled cores
-enum class OwnCore { None, PointwiseGemm, Winograd };
+enum class OwnCore { None, PointwiseGemm };
 
 // 1x1 convolutions (groups 1, no padding, any stride; float32/float64; NCHW or channels_last) run as
 // tiled BLAS GEMMs with the epilogue fused per tile (conv_pointwise_gemm.cpp). Measured side by side
 // on the machine above (fp32, 2 threads, bias + relu [+ residual], bench/conv.py's FULL_CPU 1x1
 // layers): 1.14-1.81x the stock conv2d + add + relu where oneDNN's fused primitive or
 // at::convolution + our pass measured 0.93-1.23x.
-// 3x3 stride-1 NCHW float32 layers run Winograd F(2x2, 3x3) (conv_winograd.cpp) where it measured
-// faster than oneDNN's direct convolution. Side by side on the machine above (fp32, 2 threads, bias +
-// relu [+ residual], ours vs stock conv2d + add + relu): N=8 128->128 28x28 1.26x (oneDNN fused
-// 1.08x); but only 0.92-1.04x on N=1-4, 16-512 channels, 7-112 px layers (N=1 128->128 28x28:
-// 0.99x, 64->64 56x56 at N=4: 1.04x), where its per-call weight transform and small GEMMs do not
-// pay off. So: at least this many channels and filters, and this many output pixels in the batch.
-constexpr int64_t kWinogradMinChannels = 128;
-constexpr int64_t kWinogradMinFilters = 128;
-constexpr int64_t kWinogradMinBatchPixels = 4096;
-
-OwnCore pick_own_core(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+OwnCore pick_own_core(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding, int64_t groups,
                       at::MemoryFormat layout) {
   if (!input.is_contiguous(layout)) return OwnCore::None;
   if (conv_pointwise_gemm_supports(input, weight, padding, groups)) return OwnCore::PointwiseGemm;
-  if (layout == at::MemoryFormat::Contiguous && g.channels >= kWinogradMinChannels &&
-      g.filters >= kWinogradMinFilters && g.batch * g.out_h * g.out_w >= kWinogradMinBatchPixels &&
-      conv_winograd_supports(input, weight, stride, padding, dilation, groups)) {
-    return OwnCore::Winograd;
-  }
   return OwnCore::None;
 }
 
@@ -290,19 +273,14 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
 
   // Our own cores, where they measured faster: they produce the output tile by tile and apply the
   // epilogue to each tile as it is produced.
-  const OwnCore own = pick_own_core(input, weight, g, stride, padding, dilation, groups, layout);
-  if (own != OwnCore::None) {
+  const OwnCore own = pick_own_core(input, weight, padding, groups, layout);
+  if (own == OwnCore::PointwiseGemm) {
     const auto options = input.options().memory_format(layout);
     at::Tensor output = at::empty({g.batch, g.filters, g.out_h, g.out_w}, options);
     if (keep_z) preactivation = at::empty({g.batch, g.filters, g.out_h, g.out_w}, options);
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    if (own == OwnCore::PointwiseGemm) {
-      conv_pointwise_gemm(input, weight, b, res, stride, layout == at::MemoryFormat::ChannelsLast, output,
-                          keep_z ? preactivation : at::Tensor(), act, negative_slope);
-    } else {
-      conv_winograd(input, weight, b, res, padding, output, keep_z ? preactivation : at::Tensor(), act,
-                    negative_slope);
-    }
+    conv_pointwise_gemm(input, weight, b, res, stride, layout == at::MemoryFormat::ChannelsLast, output,
+                        keep_z ? preactivation : at::Tensor(), act, negative_slope);
     return {output, preactivation};
   }
 

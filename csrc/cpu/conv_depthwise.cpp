@@ -159,10 +159,11 @@ struct NchwPlan {
 };
 
 // Vector accumulators per NCHW tile: enough independent FMA chains to cover the FMA latency (4
-// cycles, 2 units: 8 chains). With AVX-512's 32 registers 8 fit; measured on the 2-core Xeon of
-// bench/conv.py (fp32, bias + relu inference, 2 threads, before -> after in one run): 7x7 96x56x56
-// 0.62 -> 0.37 ms at N=1, 4.74 -> 2.53 ms at N=8; 3x3 128x56x56 N=8 3.98 -> 1.50 ms. The AVX2/SSE
-// clones hold each 64-byte vector in 2/4 registers, so 4 accumulators there.
+// cycles, 2 units: 8 chains). With AVX-512's 32 registers 8 fit. Measured on the 2-core Xeon of
+// bench/conv.py (fp32, bias + relu inference, 2 threads; 4 then 8 accumulators in one script run):
+// 7x7 96x56x56 0.62 -> 0.37 ms at N=1, 4.74 -> 2.53 ms at N=8; 3x3 128x56x56 N=8 3.98 -> 1.50 ms.
+// (The bench suite's own run, separate: 7x7 N=1 0.365 -> 0.333 ms, N=8 2.60 -> 2.17 ms.) The
+// AVX2/SSE clones hold each 64-byte vector in 2/4 registers, so 4 accumulators there.
 int64_t nchw_accumulators() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx512 = __builtin_cpu_supports("avx512f");
