@@ -1,5 +1,5 @@
 // The conv epilogue on one output tile, for the kernels that produce the output tile by tile
-// (conv_pointwise_gemm.cpp, conv_winograd.cpp): y = act(tile + bias + residual), applied while the
+// (conv_pointwise_gemm.cpp): y = act(tile + bias + residual), applied while the
 // tile is still in cache, so the epilogue costs no extra pass over the output.
 // Also the compile-time activation helpers shared with the whole-tensor passes (conv_epilogue.cpp).
 #pragma once
