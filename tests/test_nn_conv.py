@@ -130,6 +130,81 @@ def test_conv2d_bn_act_training_and_eval():
     torch.testing.assert_close(block.fuse()(x, r), stock(x, r))
 
 
+def _unfused_eval(block: Conv2dBNAct, x: torch.Tensor) -> torch.Tensor:
+    """The eval block's maths without the module: stock conv, eval batch norm, activation."""
+    z = F.batch_norm(F.conv2d(x, block.conv.weight, block.conv.bias, block.conv.stride, block.conv.padding),
+                     block.bn.running_mean, block.bn.running_var, block.bn.weight, block.bn.bias, False, 0.0,
+                     block.bn.eps)
+    return reference.activation(z, block.activation)
+
+
+def test_conv2d_bn_act_eval_fold_cache_invalidation():
+    """Eval calls reuse the folded weight/bias; any change to a folded parameter, buffer, eps, the
+    mode, or a dtype move refolds (each change is checked against the unfused maths)."""
+    torch.manual_seed(7)
+    block = Conv2dBNAct(3, 5, 3, padding=1, bias=True, dtype=torch.float64).eval()
+    with torch.no_grad():
+        block.bn.running_mean.normal_()
+        block.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+
+    def check(what: str) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), _unfused_eval(block, x), msg=what)
+
+    check("first call")
+    cached = block._folded
+    check("second call")
+    assert block._folded is cached, "an unchanged block must reuse its folded weight"
+    changes = {
+        "conv.weight in place": lambda: block.conv.weight.mul_(1.5),
+        "conv.bias in place": lambda: block.conv.bias.add_(0.25),
+        "bn.weight in place": lambda: block.bn.weight.mul_(-2.0),
+        "bn.bias in place": lambda: block.bn.bias.add_(1.0),
+        "bn.running_mean in place": lambda: block.bn.running_mean.add_(0.5),
+        "bn.running_var in place": lambda: block.bn.running_var.mul_(3.0),
+        "bn.eps": lambda: setattr(block.bn, "eps", 0.5),
+        "a new conv.weight": lambda: setattr(block.conv, "weight", nn.Parameter(torch.randn_like(block.conv.weight))),
+        "a new running_var buffer": lambda: setattr(block.bn, "running_var", torch.rand(5, dtype=torch.float64) + 0.5),
+        "load_state_dict": lambda: block.load_state_dict(
+            {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in block.state_dict().items()}
+            | {"bn.running_var": torch.rand(5, dtype=torch.float64) + 0.1}),
+    }
+    for what, change in changes.items():
+        with torch.no_grad():
+            change()
+        check(what)
+    # Training updates the running statistics; eval afterwards refolds.
+    block.train()
+    assert block._folded is None
+    block(torch.randn(4, 3, 6, 7, dtype=torch.float64))
+    block.eval()
+    check("after a training step")
+    # A dtype move refolds in the new dtype.
+    check("before the move")
+    block.float()
+    assert block._folded is None
+    x = x.float()
+    with torch.no_grad():
+        y = block(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _unfused_eval(block, x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_bn_act_eval_with_grad_is_not_cached():
+    """Eval with autograd on (frozen batch norm, fine-tuning): gradients reach the parameters every
+    call, so no folded tensor (with its graph) is reused."""
+    block = Conv2dBNAct(3, 4, 3, padding=1, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for _ in range(2):
+        block.zero_grad()
+        block(x).sum().backward()
+        assert block.conv.weight.grad is not None and block.bn.weight.grad is not None
+    assert block._folded is None
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), _unfused_eval(block, x))
+
+
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 @pytest.mark.parametrize("conv_bias", [True, False])
 def test_fuse_conv_bn_matches_unfused_pair(activation, conv_bias):

@@ -83,7 +83,15 @@ class Conv2dBNAct(nn.Module):
     Submodules ``conv`` (a bigkernels.nn.Conv2d) and ``bn`` (a stock BatchNorm2d), so the state_dict
     keys are those of a stock pair held as ``conv``/``bn`` (``conv.weight``, ``bn.running_mean``...).
     Training: the conv kernel, then batch statistics, then the activation. Eval: the batch norm is
-    folded into the conv weights on the fly, so the whole block is ONE fused conv kernel.
+    folded into the conv weights, so the whole block is ONE fused conv kernel. The folded weight and
+    bias are cached between eval calls (refolding cost a few elementwise ops per call, a visible
+    share of a small layer) and refolded when any of conv.weight, conv.bias, bn.weight, bn.bias,
+    bn.running_mean, bn.running_var or bn.eps changes: a new tensor object, an in-place change (its
+    version counter), a different storage; also after ``train()``/``eval()`` and device/dtype moves.
+    Not cached (folded per call) when autograd must reach the parameters, under torch.compile, or
+    for inference-mode tensors (they have no version counter). A write that bypasses autograd's
+    version counter (through ``.data`` of a view or a NumPy alias) is not seen: call
+    ``clear_folded_cache()`` after one.
     ``fuse()`` returns that folded conv as a standalone module for deployment.
     """
 
@@ -97,21 +105,67 @@ class Conv2dBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.activation = conv_ops._check_activation(activation, negative_slope)
         self.negative_slope = float(negative_slope)
+        # (the tensors folded, their versions and data pointers, bn.eps) -> (weight, bias); see the
+        # class docstring. A plain attribute: not part of the state_dict.
+        self._folded: Optional[tuple] = None
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.training or not self.bn.track_running_stats:
+            self._folded = None  # the running statistics change in training
             z = self.bn(self.conv(input))
             if residual is not None:
                 z = z + residual
             return reference.activation(z, self.activation, self.negative_slope)
-        weight, bias = _folded_weight_and_bias(self.conv, self.bn)
+        weight, bias = self._folded_weight_and_bias()
         input, padding = _padding_for_kernel(self.conv, input)
         return conv_ops.conv2d(input, weight, bias, self.conv.stride, padding, self.conv.dilation, self.conv.groups,
                                activation=self.activation, negative_slope=self.negative_slope, residual=residual)
 
+    def clear_folded_cache(self) -> None:
+        """Drop the cached eval-mode folded weight and bias (the next eval call refolds)."""
+        self._folded = None
+
+    def train(self, mode: bool = True) -> "Conv2dBNAct":
+        self._folded = None
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):  # .to(), .cuda(), .double(), ...: new parameter tensors
+        self._folded = None
+        return super()._apply(*args, **kwargs)
+
+    def _fold_sources(self) -> tuple[Optional[Tensor], ...]:
+        return (self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias, self.bn.running_mean,
+                self.bn.running_var)
+
+    def _folded_weight_and_bias(self) -> tuple[Tensor, Tensor]:
+        sources = self._fold_sources()
+        if (torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))
+                or any(t is not None and t.is_inference() for t in sources)):
+            return _folded_weight_and_bias(self.conv, self.bn)
+        # Holding the source tensors themselves (not their id()s) keeps a replaced parameter's id from
+        # being reused by a new one while the cache is compared against it.
+        key = tuple((t, t._version, t.data_ptr()) if t is not None else None for t in sources) + (self.bn.eps,)
+        cached = self._folded
+        if cached is not None and len(cached[0]) == len(key) and all(
+            _same_source(a, b) for a, b in zip(cached[0], key)
+        ):
+            return cached[1], cached[2]
+        with torch.no_grad():
+            weight, bias = _folded_weight_and_bias(self.conv, self.bn)
+        self._folded = (key, weight, bias)
+        return weight, bias
+
     def fuse(self) -> Conv2d:
         """The inference-time equivalent: one Conv2d with the batch norm folded in and the activation."""
         return fuse_conv_bn(self.conv, self.bn, activation=self.activation, negative_slope=self.negative_slope)
+
+
+def _same_source(a, b) -> bool:
+    """Entries of Conv2dBNAct's fold cache key: (tensor, version, data_ptr), None, or bn.eps."""
+    if a is None or b is None or not isinstance(a, tuple):
+        return a == b if not isinstance(a, tuple) and not isinstance(b, tuple) else False
+    return isinstance(b, tuple) and a[0] is b[0] and a[1] == b[1] and a[2] == b[2]
 
 
 def _folded_weight_and_bias(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:

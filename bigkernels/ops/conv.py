@@ -8,7 +8,11 @@ the ops' symmetric padding, picks the backend once (bigkernels/_backend.py) and 
 (`_pick_op`), and registers the fake implementations and the autograd formula of every op.
 
 Layouts: NCHW-contiguous and channels_last inputs are both fast; the output takes the input's layout
-(`output_memory_format`). Other strides work but cost a copy inside the kernel.
+(`output_memory_format`). Other strides work but cost a copy inside the kernel. On the CPU, 1x1
+layers run the GEMM core in either layout; other dense layers take oneDNN's fused primitive (as
+fast as stock there) or at::convolution + one pass; NCHW depthwise layers run the direct kernel (csrc/cpu/conv.cpp and _pick_op say where and why). No call
+converts the layout for you: convert the model once (model.to(memory_format=...)) if you want the
+other one.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@
 
 #include <type_traits>
 
+#include "conv_tile_epilogue.h"  // act_forward, with_activation
 #include "fast_math.h"
 
 namespace bigkernels::cpu {
@@ -23,20 +24,6 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename scalar_t>
 using storage_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, scalar_t>;
-
-// act(z) for a compile-time activation.
-template <Activation A, typename T>
-BK_ALWAYS_INLINE T act_forward(T z, T slope) {
-  if constexpr (std::is_same_v<T, float>) {
-    if constexpr (A == Activation::Sigmoid) return sigmoid_fast(z);
-    if constexpr (A == Activation::SiLU) return z * sigmoid_fast(z);
-    if constexpr (A == Activation::GELUTanh) {
-      const float inner = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
-      return 0.5f * z * (1.0f + tanh_fast(inner));
-    }
-  }
-  return activation_forward<T>(A, z, slope);
-}
 
 // act'(z) for a compile-time activation.
 template <Activation A, typename T>
@@ -111,21 +98,6 @@ void backward_dispatch(const S* dy, const S* src, bool from_z, S* gz, double slo
     if (from_z) backward_range<A, true>(dy, src, gz, slope, begin, end);
     else backward_range<A, false>(dy, src, gz, slope, begin, end);
   });
-}
-
-// Calls f(std::integral_constant<Activation, A>) for the runtime activation.
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::None: return f(std::integral_constant<Activation, Activation::None>{});
-    case Activation::ReLU: return f(std::integral_constant<Activation, Activation::ReLU>{});
-    case Activation::GELU: return f(std::integral_constant<Activation, Activation::GELU>{});
-    case Activation::GELUTanh: return f(std::integral_constant<Activation, Activation::GELUTanh>{});
-    case Activation::SiLU: return f(std::integral_constant<Activation, Activation::SiLU>{});
-    case Activation::Sigmoid: return f(std::integral_constant<Activation, Activation::Sigmoid>{});
-    case Activation::LeakyReLU: return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
-  }
-  TORCH_CHECK(false, "bigkernels::conv: unknown activation code ", static_cast<int>(act));
 }
 
 template <typename scalar_t>

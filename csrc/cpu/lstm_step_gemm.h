@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "attention_blas.h"
+#include "blas.h"
 
 namespace bigkernels::cpu {
 
@@ -28,7 +28,6 @@ class PackedStepGemm {
   // `rows` is the row count most steps run (the batch): the packed copy serves steps of that many rows.
   PackedStepGemm(const at::Tensor& w_hh, int64_t rows, bool backward)
       : w_(w_hh), rows_(rows), backward_(backward) {
-    namespace blas = attention_detail;
     if (w_hh.scalar_type() != at::kFloat || rows < kMinPackedRows || !blas::packed_sgemm_available()) {
       return;
     }
@@ -50,8 +49,7 @@ class PackedStepGemm {
   void operator()(const at::Tensor& a, const at::Tensor& c) const {
     const int64_t n = a.size(0);
     if (packed_.defined() && n == rows_ && a.is_contiguous() && c.is_contiguous()) {
-      namespace blas = attention_detail;
-      ::cblas_sgemm_compute(blas::kCblasRowMajor, blas::kCblasNoTrans, blas::kCblasPacked,
+        ::cblas_sgemm_compute(blas::kCblasRowMajor, blas::kCblasNoTrans, blas::kCblasPacked,
                                 static_cast<int>(n), n_, k_, a.const_data_ptr<float>(), k_,
                                 packed_.const_data_ptr<float>(), n_, backward_ ? 0.0f : 1.0f,
                                 c.mutable_data_ptr<float>(), n_);
