@@ -157,7 +157,8 @@ def test_lstm_grids():
     assert all(set(c.shape) == {"T", "B", "I", "H"} and c.shape["I"] == c.shape["H"] for c in quick)
     assert {c.shape["T"] for c in quick} == {16, 64} and {c.shape["H"] for c in quick} == {128, 256, 512}
     # full: longer sequences, bf16, and each variant
-    assert {c.shape["T"] for c in full} == {16, 64, 256} and {c.dtype for c in full} == {torch.float32, torch.bfloat16}
+    assert {c.shape["T"] for c in full} == {16, 64, 256, 512} and {c.dtype for c in full} == {torch.float32, torch.bfloat16}
+    assert {c.shape["B"] for c in full} == {1, 8, 16, 64, 256} and {c.shape["H"] for c in full} == {128, 256, 512, 1024}
     for key, value in (("L", 2), ("D", 2), ("ragged", 1)):
         assert any(c.shape.get(key) == value for c in full), key
     assert {c.shape["P"] for c in full if "P" in c.shape} == {256 // 4, 512 // 4}
