@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_lstm_cpu_recurrent import make_case, our_layer, reference_layer, run, stock_layer
-from numerics import assert_matches
+from test_lstm_cpu_recurrent import assert_layer_matches, make_case, reference_layer, run
 
 
 def check_against_reference(seq, batch, input_size, hidden, packed, reverse, bias, seed):
@@ -19,13 +18,7 @@ def check_against_reference(seq, batch, input_size, hidden, packed, reverse, bia
     outs64, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
     g = torch.Generator().manual_seed(seed + 1)
     upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs64]
-    ref, ref_grads = run(reference_layer, case, batch_sizes, reverse, torch.float64, upstream)
-    ours, our_grads = run(our_layer, case, batch_sizes, reverse, torch.float32, upstream)
-    stock, stock_grads = run(stock_layer, case, batch_sizes, reverse, torch.float32, upstream)
-    for name, o, s, r in zip(("output", "h_n", "c_n"), ours, stock, ref):
-        assert_matches(name, o, s, r)
-    for name, r in ref_grads.items():
-        assert_matches(f"grad {name}", our_grads[name], stock_grads[name], r)
+    assert_layer_matches(case, batch_sizes, reverse, upstream)
 
 
 @pytest.mark.parametrize("batch, hidden", [(8, 7), (9, 65), (17, 129)], ids=lambda v: str(v))

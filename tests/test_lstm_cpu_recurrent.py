@@ -82,6 +82,12 @@ def test_fused_matches_reference_and_stock(seq, batch, hidden, packed, reverse, 
     if grad:
         g = torch.Generator().manual_seed(7)
         upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs64]
+    assert_layer_matches(case, batch_sizes, reverse, upstream)
+
+
+def assert_layer_matches(case, batch_sizes, reverse, upstream):
+    """Ours (float32) against the float64 reference and stock torch.lstm (float32) by the DESIGN rule:
+    outputs, final states and, when `upstream` gradients are given, every input gradient."""
     ref, ref_grads = run(reference_layer, case, batch_sizes, reverse, torch.float64, upstream)
     ours, our_grads = run(our_layer, case, batch_sizes, reverse, torch.float32, upstream)
     stock, stock_grads = run(stock_layer, case, batch_sizes, reverse, torch.float32, upstream)
