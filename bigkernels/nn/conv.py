@@ -105,7 +105,7 @@ class Conv2dBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.activation = conv_ops._check_activation(activation, negative_slope)
         self.negative_slope = float(negative_slope)
-        # (the tensors folded, their versions and data pointers, bn.eps) -> (weight, bias); see the
+        # (bn.eps, (tensor, version, data pointer) of each source, weight, bias); see the
         # class docstring. A plain attribute: not part of the state_dict.
         self._folded: Optional[tuple] = None
 
@@ -145,15 +145,13 @@ class Conv2dBNAct(nn.Module):
             return _folded_weight_and_bias(self.conv, self.bn)
         # Holding the source tensors themselves (not their id()s) keeps a replaced parameter's id from
         # being reused by a new one while the cache is compared against it.
-        key = tuple((t, t._version, t.data_ptr()) if t is not None else None for t in sources) + (self.bn.eps,)
+        key = tuple(None if t is None else (t, t._version, t.data_ptr()) for t in sources)
         cached = self._folded
-        if cached is not None and len(cached[0]) == len(key) and all(
-            _same_source(a, b) for a, b in zip(cached[0], key)
-        ):
-            return cached[1], cached[2]
+        if cached is not None and cached[0] == self.bn.eps and all(map(_same_source, cached[1], key)):
+            return cached[2], cached[3]
         with torch.no_grad():
             weight, bias = _folded_weight_and_bias(self.conv, self.bn)
-        self._folded = (key, weight, bias)
+        self._folded = (self.bn.eps, key, weight, bias)
         return weight, bias
 
     def fuse(self) -> Conv2d:
@@ -162,10 +160,10 @@ class Conv2dBNAct(nn.Module):
 
 
 def _same_source(a, b) -> bool:
-    """Entries of Conv2dBNAct's fold cache key: (tensor, version, data_ptr), None, or bn.eps."""
-    if a is None or b is None or not isinstance(a, tuple):
-        return a == b if not isinstance(a, tuple) and not isinstance(b, tuple) else False
-    return isinstance(b, tuple) and a[0] is b[0] and a[1] == b[1] and a[2] == b[2]
+    """Entries of Conv2dBNAct's fold cache key: None (no such tensor) or (tensor, version, data_ptr)."""
+    if a is None or b is None:
+        return a is b
+    return a[0] is b[0] and a[1:] == b[1:]
 
 
 def _folded_weight_and_bias(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
