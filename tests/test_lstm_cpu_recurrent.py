@@ -147,3 +147,22 @@ def test_projection_falls_back_to_generic_path(fused):
                                None, None, w_hr.double(), False)
     for a, r in zip((out, h_n, c_n), ref):
         torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_batch_split_forward(packed, reverse, fused, poison_empty):
+    """From batch 16 and hidden 256 on, the forward splits the batch (not the panels) across the
+    threads (kMinSplitBatch/kMinSplitHidden in lstm_recurrent.cpp): packed sequences change the
+    active rows per step, so each thread's share shrinks (or, reversed, grows) unevenly. hidden 257
+    leaves a partial last panel. With the workspace (then every gradient) and without it."""
+    case, batch_sizes = make_case(6, 17, 5, 257, packed, True, seed=21)
+    g = torch.Generator().manual_seed(13)
+    ref, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
+    upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]
+    assert_layer_matches(case, batch_sizes, reverse, upstream)
+    args = [case[k].float() if case[k] is not None else None for k in ARGS]
+    with_ws = torch.ops.bigkernels.lstm(*args[:1], batch_sizes, *args[1:], None, reverse, True)
+    without = torch.ops.bigkernels.lstm(*args[:1], batch_sizes, *args[1:], None, reverse, False)
+    for a, b in zip(without[:3], with_ws[:3]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
