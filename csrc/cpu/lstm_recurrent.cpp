@@ -23,6 +23,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -121,8 +124,96 @@ struct ForwardStep {
   float* gates;      // [n, 4H] activated gates, or null
   float* part;       // this thread's partial sums, [n][4][kUnits] (used when n > kMaxRows)
   int64_t n, H, P, p0, p1;
-  bool panels_backwards;  // walk panels p1 - 1 down to p0
+  bool avx512_epilogue;  // full panels take forward_epilogue_avx512 (the CPU has AVX-512)
 };
+
+#if defined(BK_REC_HAVE_AVX512_CHECK)
+// The forward epilogue of full panels with AVX-512 instructions that the portable loop below cannot
+// name: vscalefps for the 2^n of exp (instead of building the exponent bits) and vrcp14ps plus one
+// Newton step for the reciprocals of sigmoid and tanh (3 instructions instead of reciprocal_newton's
+// 7, 2^-28 before rounding). The same exp polynomial, range reduction and tanh series as
+// fast_math.h. Why: the epilogue is the LSTM's pointwise work (5 exp and 5 reciprocals per unit) and
+// measured a third of the fused step at batch 64, hidden 128; it runs on the same two vector ports
+// as the GEMM. A real call (not inlined) from every clone of forward_step_f32, taken only when the
+// CPU has AVX-512; once per register tile of R rows.
+#define BK_AVX512_FN __attribute__((target("arch=x86-64-v4")))
+
+BK_AVX512_FN inline __m512 exp512(__m512 x) {
+  // _mm512_min/max_ps return their second operand when either is NaN: NaN passes through.
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1/x for x >= 1.
+BK_AVX512_FN inline __m512 reciprocal512(__m512 x) {
+  const __m512 y = _mm512_rcp14_ps(x);
+  return _mm512_fmadd_ps(y, _mm512_fnmadd_ps(x, y, _mm512_set1_ps(1.0f)), y);
+}
+
+BK_AVX512_FN inline __m512 sigmoid512(__m512 x) {
+  return reciprocal512(_mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+BK_AVX512_FN inline __m512 tanh512(__m512 x) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-17.0f / 315.0f), _mm512_set1_ps(2.0f / 15.0f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.0f / 3.0f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(1.0f));
+  const __m512 series = _mm512_mul_ps(x, q);
+  const __m512 t = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.0f), ax));
+  const __m512 mag = _mm512_mul_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), t),
+                                   reciprocal512(_mm512_add_ps(_mm512_set1_ps(1.0f), t)));
+  const __m512 far = _mm512_or_ps(mag, _mm512_and_ps(sign, x));
+  const __mmask16 small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.125f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(small, far, series);
+}
+
+// Rows b0 .. b0 + rows - 1 of full panel `panel`; tile = [rows][4][kUnits] gate sums.
+BK_AVX512_FN __attribute__((noinline)) void forward_epilogue_avx512(const ForwardStep& s,
+                                                                     const float* tile, int rows,
+                                                                     int64_t b0, int64_t panel) {
+  const int64_t H = s.H, j0 = panel * kUnits;
+  const __m512 bi = _mm512_loadu_ps(s.bias + j0), bf = _mm512_loadu_ps(s.bias + H + j0),
+               bg = _mm512_loadu_ps(s.bias + 2 * H + j0), bo = _mm512_loadu_ps(s.bias + 3 * H + j0);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t b = b0 + r;
+    const float* acc = tile + r * 4 * kUnits;
+    const float* pre = s.pre + b * 4 * H + j0;
+    const __m512 i = sigmoid512(_mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(acc), _mm512_loadu_ps(pre)), bi));
+    const __m512 f = sigmoid512(
+        _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(acc + kUnits), _mm512_loadu_ps(pre + H)), bf));
+    const __m512 g = tanh512(
+        _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(acc + 2 * kUnits), _mm512_loadu_ps(pre + 2 * H)), bg));
+    const __m512 o = sigmoid512(
+        _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(acc + 3 * kUnits), _mm512_loadu_ps(pre + 3 * H)), bo));
+    const __m512 c = _mm512_fmadd_ps(f, _mm512_loadu_ps(s.c_prev.row(b) + j0), _mm512_mul_ps(i, g));
+    _mm512_storeu_ps(s.c_out + b * H + j0, c);
+    _mm512_storeu_ps(s.h_out + b * H + j0, _mm512_mul_ps(o, tanh512(c)));
+    if (s.gates) {
+      float* gw = s.gates + b * 4 * H + j0;
+      _mm512_storeu_ps(gw, i);
+      _mm512_storeu_ps(gw + H, f);
+      _mm512_storeu_ps(gw + 2 * H, g);
+      _mm512_storeu_ps(gw + 3 * H, o);
+    }
+  }
+}
+#endif
 
 template <bool kWorkspace, bool kFull>
 BK_ALWAYS_INLINE void forward_epilogue(const float (&acc)[4][kUnits], const float* pre,
@@ -216,6 +307,12 @@ BK_ALWAYS_INLINE void forward_tile(const ForwardStep& s, int64_t panel, int64_t 
   for (int r = 0; r < R; ++r) {
     for (int g = 0; g < 4; ++g) store16(tile[r][g], acc[0][r][g]);
   }
+#if defined(BK_REC_HAVE_AVX512_CHECK)
+  if (s.avx512_epilogue && nu == kUnits) {
+    forward_epilogue_avx512(s, &tile[0][0][0], R, b0, panel);
+    return;
+  }
+#endif
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r;
     const float* pre = s.pre + b * 4 * H + j0;
@@ -234,10 +331,7 @@ BK_ALWAYS_INLINE void forward_step_impl(const ForwardStep& s) {
   // More rows than one tile: block K so that the panel's slice stays in L1 across row blocks.
   const int64_t kc = s.n > kMaxRows ? kKBlock : s.P;
   const RowTiles tiles(s.n);
-  for (int64_t i = s.p0; i < s.p1; ++i) {
-    // Every other step walks its panels backwards: it starts on those the previous step used last,
-    // still in L2 when the thread's share of w_hh is about the size of L2 (hidden 512).
-    const int64_t p = s.panels_backwards ? s.p0 + s.p1 - 1 - i : i;
+  for (int64_t p = s.p0; p < s.p1; ++p) {
     for (int64_t k0 = 0; k0 < s.P; k0 += kc) {
       const int64_t k1 = std::min(s.P, k0 + kc);
       const bool first = k0 == 0, last = k1 == s.P;
@@ -300,7 +394,6 @@ struct BackwardStep {
   float* dg;             // [n, 4H] out
   float* part;           // this thread's partial sums, [n_next][kBwdPanels][kUnits]
   int64_t n, H, P, p0, p1;
-  bool panels_backwards;  // walk the panel groups from p1 down to p0
 };
 
 // dh[b0 .. b0+R-1][panels q0 .. q0+NP-1] = dg_next rows @ w_hh over those columns, K range
@@ -440,23 +533,13 @@ BK_ALWAYS_INLINE void backward_group(const BackwardStep& s, int64_t q0) {
 }
 
 BK_REC_MULTIVERSION void backward_step_f32(const BackwardStep& s) {
-  const int64_t groups = (s.p1 - s.p0) / kBwdPanels;
-  const int64_t q_tail = s.p0 + groups * kBwdPanels;
-  auto tail = [&] {
-    switch (s.p1 - q_tail) {
-      case 3: backward_group<3>(s, q_tail); break;
-      case 2: backward_group<2>(s, q_tail); break;
-      case 1: backward_group<1>(s, q_tail); break;
-      default: break;
-    }
-  };
-  // Every other step backwards, as in the forward (forward_step_impl): L2 reuse across steps.
-  if (!s.panels_backwards) {
-    for (int64_t g = 0; g < groups; ++g) backward_group<kBwdPanels>(s, s.p0 + g * kBwdPanels);
-    tail();
-  } else {
-    tail();
-    for (int64_t g = groups; g-- > 0;) backward_group<kBwdPanels>(s, s.p0 + g * kBwdPanels);
+  int64_t q = s.p0;
+  for (; q + kBwdPanels <= s.p1; q += kBwdPanels) backward_group<kBwdPanels>(s, q);
+  switch (s.p1 - q) {
+    case 3: backward_group<3>(s, q); break;
+    case 2: backward_group<2>(s, q); break;
+    case 1: backward_group<1>(s, q); break;
+    default: break;
   }
 }
 static_assert(kBwdPanels == 4, "backward_step_f32 covers 1..4 panels");
@@ -554,6 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const float* h0_p = h_init.const_data_ptr<float>();
   const float* c0_p = c_init.const_data_ptr<float>();
   const bool split_batch = s.batch >= kMinSplitBatch && H >= kMinSplitHidden;
+  const bool avx512 = cpu_has_avx512();
   const int nt = split_batch ? threads_for(s.batch) : threads_for(panels);
   const int64_t part_size = s.batch > kMaxRows ? s.batch * 4 * kUnits : 0;
   at::Tensor parts = at::empty({nt * part_size}, opts);
@@ -612,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
           st.P = P;
           st.p0 = p0;
           st.p1 = p1;
-          st.panels_backwards = k % 2 == 1;
+          st.avx512_epilogue = avx512;
           forward_step_f32(st);
         }
         // Panels split: step k + 1 reads every unit of this step's h. A batch split thread
@@ -695,7 +779,6 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
       st.P = P;
       st.p0 = p0;
       st.p1 = p1;
-      st.panels_backwards = (k & 1) != 0;
       if (k >= 0) {
         const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
         st.n = n;
