@@ -152,11 +152,11 @@ def test_projection_falls_back_to_generic_path(fused):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_batch_split_forward(packed, reverse, fused, poison_empty):
-    """From batch 16 and hidden 256 on, the forward splits the batch (not the panels) across the
-    threads (kMinSplitBatch/kMinSplitHidden in lstm_recurrent.cpp): packed sequences change the
-    active rows per step, so each thread's share shrinks (or, reversed, grows) unevenly. hidden 257
-    leaves a partial last panel. With the workspace (then every gradient) and without it."""
-    case, batch_sizes = make_case(6, 17, 5, 257, packed, True, seed=21)
+    """From batch 16, at hidden 256 (w_hh of 1 MiB), the forward splits the batch (not the panels)
+    across the threads (kMinSplitBatch, kMinSplitHidden, kMaxSplitWhhBytes in lstm_recurrent.cpp):
+    packed sequences change the active rows per step, so each thread's share shrinks (or, reversed,
+    grows) unevenly; batch 17 splits unevenly. With the workspace (then every gradient) and without it."""
+    case, batch_sizes = make_case(6, 17, 5, 256, packed, True, seed=21)
     g = torch.Generator().manual_seed(13)
     ref, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
     upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]

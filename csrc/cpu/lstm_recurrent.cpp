@@ -66,11 +66,14 @@ constexpr int64_t kMaxFusedWhhBytes = 4 << 20;
 // The forward splits the batch rather than the panels across the threads from these sizes on: each
 // thread then runs its own rows through every panel and the threads never wait for each other
 // (no barrier per step, no h rows crossing cores), at the price of every core reading all of w_hh.
-// Measured (T = 64, 2 threads, fused forward, batch split vs panels split): batch 16 / hidden 256
-// 3.67 vs 3.83 ms, batch 64 / hidden 512 50.3 vs 52.4 ms; batch 64 / hidden 256 even (13.4 vs
-// 13.3 ms); hidden 128 batch 64 slower (4.74 vs 4.58 ms), batch 8 even.
+// So only while all of w_hh fits in half a core's 2 MiB L2. Measured (T = 64, 2 threads, fused
+// forward, batch split vs panels split): batch 16 / hidden 256 3.67 vs 3.83 ms; batch 64 / hidden
+// 256 even (13.4 vs 13.3 ms); hidden 128 batch 64 slower (4.74 vs 4.58 ms), batch 8 even; hidden
+// 512 (4 MiB of w_hh streamed by each core) 0.89x of stock at batch 16 in the full grid, against
+// 1.1x with the panels split.
 constexpr int64_t kMinSplitBatch = 16;
 constexpr int64_t kMinSplitHidden = 256;
+constexpr int64_t kMaxSplitWhhBytes = 1 << 20;
 
 // 512-bit vectors in the baseline clone only warn about an ABI that never applies here: every
 // function passing them is inlined.
@@ -636,7 +639,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   float* cells_p = need_workspace ? cells.mutable_data_ptr<float>() : c_run.mutable_data_ptr<float>();
   const float* h0_p = h_init.const_data_ptr<float>();
   const float* c0_p = c_init.const_data_ptr<float>();
-  const bool split_batch = s.batch >= kMinSplitBatch && H >= kMinSplitHidden;
+  const bool split_batch = s.batch >= kMinSplitBatch && H >= kMinSplitHidden &&
+                           4 * H * P * static_cast<int64_t>(sizeof(float)) <= kMaxSplitWhhBytes;
   const bool avx512 = cpu_has_avx512();
   const int nt = split_batch ? threads_for(s.batch) : threads_for(panels);
   const int64_t part_size = s.batch > kMaxRows ? s.batch * 4 * kUnits : 0;
