@@ -11,11 +11,15 @@
 //    on dh_t's tile the same way.
 //  - One OpenMP parallel region for the whole sequence; each thread owns a contiguous range of
 //    panels (it packs them itself, so they start in its own cache) and the threads meet at one
-//    barrier per step (step t + 1 reads all of step t's h, or dG in the backward).
+//    barrier per step (step t + 1 reads all of step t's h, or dG in the backward). Where all of
+//    w_hh fits half an L2 and the batch is large enough (kMinSplitBatch...), the forward instead
+//    gives each thread a fixed share of the batch rows through every panel: no barrier per step.
 //  - The micro-kernels use GCC vector types (one 512-bit vector of kUnits floats per gate), so the
-//    register tile is explicit; the epilogues are plain loops that GCC vectorises, with the same
-//    sigmoid/tanh (fast_math.h) as the generic pointwise pass. Built for several instruction sets
-//    like lstm_pointwise.cpp; lstm_recurrent_applies() enables it only where it was measured.
+//    register tile is explicit; the epilogues are plain loops that GCC vectorises, with fast_math.h's
+//    exp and division-free reciprocals (sigmoid_newton, tanh_newton); on AVX-512 CPUs the forward
+//    epilogue of full panels is forward_epilogue_avx512 (vscalefps, vrcp14ps). Built for several
+//    instruction sets like lstm_pointwise.cpp; lstm_recurrent_applies() enables it only where it was
+//    measured.
 // Packed and reversed sequences follow the schedule of lstm_layer.h (make_lstm_schedule,
 // previous_state's rule for rows a step carries over and rows it starts from h0/c0).
 #include "lstm_recurrent.h"
