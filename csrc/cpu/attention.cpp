@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "aligned_vector.h"
 #include "attention_blas.h"
 #include "attention_dropout.h"
 #include "attention_pointwise.h"
@@ -216,9 +217,9 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
 
   at::parallel_for(0, task_workers(count), 1, [&](int64_t, int64_t) {
     const int64_t block_q = in.fwd_block_q, rows = in.tile_rows(block_q), ld_s = in.tile_ld(kFwdBlockK);
-    std::vector<acc_t> q_buf(rows * n.E), k_buf(ld_s * n.E), v_buf(ld_s * n.Ev);
-    std::vector<acc_t> scores(rows * ld_s), acc(rows * n.Ev);
-    std::vector<acc_t> row_max_(rows), row_sum(rows);
+    AlignedVector<acc_t> q_buf(rows * n.E), k_buf(ld_s * n.E), v_buf(ld_s * n.Ev);
+    AlignedVector<acc_t> scores(rows * ld_s), acc(rows * n.Ev);
+    AlignedVector<acc_t> row_max_(rows), row_sum(rows);
     for (int64_t t = next_task++; t < count; t = next_task++) {
       const ForwardTask task = tasks[t];
       const Problem& pr = in.problems[task.problem];
@@ -302,7 +303,7 @@ void recompute_lse(const Inputs<scalar_t>& in, const Problem& pr, int64_t h, int
   const Shape& n = in.n;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t block_q = in.fwd_block_q, rows = in.tile_rows(block_q), ld_s = in.tile_ld(kFwdBlockK);
-  std::vector<acc_t> k_buf(ld_s * n.E), scores(rows * ld_s), mx(rows), sum(rows);
+  AlignedVector<acc_t> k_buf(ld_s * n.E), scores(rows * ld_s), mx(rows), sum(rows);
   for (int64_t i0 = 0; i0 < pr.q_len; i0 += block_q) {
     const int64_t nq = std::min(block_q, pr.q_len - i0);
     std::fill(mx.begin(), mx.end(), neg_inf);
@@ -356,7 +357,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
   const int64_t threads = at::get_num_threads();
   const int64_t parts = units > 0 && units < threads ? (threads + units - 1) / units : 1;
   const int64_t items = units * parts;
-  std::vector<std::vector<acc_t>> dq_parts(parts > 1 ? items : 0);
+  std::vector<AlignedVector<acc_t>> dq_parts(parts > 1 ? items : 0);
   // Longer key blocks only where nothing is wasted on a window's edge, and where a unit is not
   // split into parts (a part needs key blocks of its own).
   const bool unbounded = in.window.left < 0 && in.window.right < 0;
@@ -365,11 +366,11 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
 
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, task_workers(items), 1, [&](int64_t, int64_t) {
-    std::vector<acc_t> k_buf(ld_s * n.E), v_buf(ld_s * n.Ev);
-    std::vector<acc_t> probs(rows * ld_s), dropped(in.rng.active ? rows * ld_s : 0);
-    std::vector<acc_t> dscores(rows * ld_s);
-    std::vector<acc_t> dk(ld_s * n.E), dv(ld_s * n.Ev);
-    std::vector<acc_t> q_buf, do_buf, dq, delta, row_lse;
+    AlignedVector<acc_t> k_buf(ld_s * n.E), v_buf(ld_s * n.Ev);
+    AlignedVector<acc_t> probs(rows * ld_s), dropped(in.rng.active ? rows * ld_s : 0);
+    AlignedVector<acc_t> dscores(rows * ld_s);
+    AlignedVector<acc_t> dk(ld_s * n.E), dv(ld_s * n.Ev);
+    AlignedVector<acc_t> q_buf, do_buf, dq, delta, row_lse;
     for (int64_t w = next_item++; w < items; w = next_item++) {
       const int64_t u = w / parts, part = w % parts;
       const Problem& pr = in.problems[u / n.Hk];
@@ -378,7 +379,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
       // D = rowsum(dO * O) pre-pass, and the dQ accumulator: all O(L) per head.
       q_buf.resize(group * ql * n.E);
       do_buf.resize(group * ql * n.Ev);
-      std::vector<acc_t>& dq_acc = parts > 1 ? dq_parts[w] : dq;
+      AlignedVector<acc_t>& dq_acc = parts > 1 ? dq_parts[w] : dq;
       dq_acc.assign(group * ql * n.E, acc_t(0));
       delta.resize(group * ql);
       std::vector<const acc_t*> Q(group), dO(group);
@@ -492,9 +493,9 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
     for (int64_t u = begin; u < end; ++u) {
       const Problem& pr = in.problems[u / n.Hk];
       const int64_t b = pr.b, h0 = (u % n.Hk) * group, ql = pr.q_len;
-      std::vector<acc_t>& total = dq_parts[u * parts];
+      AlignedVector<acc_t>& total = dq_parts[u * parts];
       for (int64_t part = 1; part < parts; ++part) {
-        const std::vector<acc_t>& partial = dq_parts[u * parts + part];
+        const AlignedVector<acc_t>& partial = dq_parts[u * parts + part];
         for (size_t x = 0; x < total.size(); ++x) total[x] += partial[x];
       }
       for (int64_t gh = 0; gh < group; ++gh) {
