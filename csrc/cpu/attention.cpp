@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "aligned_vector.h"
 #include "attention_blas.h"
 #include "attention_dropout.h"
 #include "attention_pointwise.h"
@@ -40,23 +41,32 @@ namespace {
 
 using namespace attention_detail;
 
-// Tile sizes, measured on a 2-core Sapphire Rapids (AVX-512, MKL GEMMs; B=8, H=8, L=512, D=64,
-// float32, against torch's CPU flash kernel side by side; the machine was loaded, so only the
-// within-run ratios mean anything). Forward: a 128 x 512 score tile (256 KiB in float) keeps the
-// two GEMMs long enough for BLAS to run near its peak and stays in the 2 MiB L2; 128 query rows
-// keep the causal diagonal waste small (the key range of a query block ends at its last row).
-// 64 x 512 and 64 x 256 were slower without a mask, 256 x 512 wasted the causal savings.
-// Backward: five GEMMs per tile pair and three live tiles (P, dropped P, dP/dS) of 64 x 256;
-// 128 x 128 and 64 x 512 measured slower.
+// Tile sizes (query rows x key columns), measured on a 2-core Sapphire Rapids (AVX-512, MKL
+// sgemm), float32, 2 threads, against torch's CPU flash kernel side by side on an idle machine.
+// Forward: 256 x 512 score tiles (512 KiB in float, inside the 2 MiB L2): against 128 x 512, each
+// key block is re-packed by sgemm for half as many query rows, and B=4 H=16 L=4096 D=64 causal went
+// 0.97x -> 1.05-1.07x torch, B=1 H=16 L=4096 D=128 1.00x -> 1.02-1.05x. 128 x 1024, 128 x 256,
+// 256 x 256, 256 x 1024 and 512 x 512 measured no better, 64 x 512 worse. Short causal rows keep
+// 128 query rows: a 256-row block wastes more of the diagonal tile (B=8 H=8 L=512 causal 1.53x
+// torch with 128 rows, 1.41x with 256).
+// Backward: five GEMMs per tile pair, and their inner dimension is the query block for two of them
+// (dV += P^T dO, dK += dS^T Q), so 256 query rows instead of 64 let sgemm run longer per call:
+// non-causal B=1 H=8 L=4096 D=64 backward 0.98x -> 1.05x torch with 256 x 512; with a window
+// (causal) 256 x 256, which wastes less of the diagonal (B=1 H=32 L=4096 causal 1.09x -> 1.19x;
+// 256 x 512 gave 1.05x). 128 x 256 and 128 x 512 sat in between.
 // Tried and dropped (idle machine, 2 threads, float32, vs torch side by side): packing each key
 // block's K^T and V once per head with MKL's cblas_sgemm_pack and multiplying every query block by
 // them with cblas_sgemm_compute (sgemm's own per-call packing is ~20% of its time in a profile)
 // was slower, not faster: B=8 H=8 L=512 D=64 forward 0.93x torch against 1.05x with sgemm, B=1 H=8
-// L=4096 D=64 0.69x against 1.02x; packing K only: 1.01x and 0.83x.
-constexpr int64_t kFwdBlockQ = 128;
+// L=4096 D=64 0.69x against 1.02x; packing K only: 1.01x and 0.83x (128-row query blocks then).
+constexpr int64_t kFwdBlockQ = 256;
+constexpr int64_t kFwdBlockQShortCausal = 128;
+constexpr int64_t kShortCausalKeys = 512;  // longest key range that takes kFwdBlockQShortCausal
 constexpr int64_t kFwdBlockK = 512;
-constexpr int64_t kBwdBlockQ = 64;
-constexpr int64_t kBwdBlockK = 256;
+constexpr int64_t kBwdBlockQ = 256;
+constexpr int64_t kBwdBlockK = 512;
+constexpr int64_t kBwdBlockKWindowed = 256;
+
 
 struct Strides4 {
   int64_t b, h, r, c;  // batch, head, row (sequence position), column (feature)
@@ -126,6 +136,12 @@ struct Inputs {
   DropoutRng rng;
   double keep_scale;  // 1 / (1 - p)
   std::vector<Problem> problems;
+  int64_t fwd_block_q;  // forward query rows per task (kFwdBlockQ or kFwdBlockQShortCausal)
+  int64_t longest_q, longest_k;  // longest problem: tile buffers are no larger than it needs
+
+  // Rows x leading dimension of a score tile of at most block_q x block_k for these problems.
+  int64_t tile_rows(int64_t block_q) const { return std::min(block_q, longest_q); }
+  int64_t tile_ld(int64_t block_k) const { return std::max<int64_t>(1, std::min(block_k, longest_k)); }
 
   uint64_t element_index(int64_t b, int64_t h, int64_t i, int64_t j) const {
     return ((static_cast<uint64_t>(b) * n.Hq + h) * n.L + i) * n.S + j;
@@ -174,7 +190,7 @@ struct ForwardTask {
 template <typename scalar_t>
 int64_t key_count(const Inputs<scalar_t>& in, const ForwardTask& t) {
   const Problem& pr = in.problems[t.problem];
-  const int64_t nq = std::min(kFwdBlockQ, pr.q_len - t.q0);
+  const int64_t nq = std::min(in.fwd_block_q, pr.q_len - t.q0);
   return std::max<int64_t>(0, in.window.key_end(t.q0 + nq, pr.k_len) - in.window.key_begin(t.q0));
 }
 
@@ -185,7 +201,7 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
   std::vector<ForwardTask> tasks;
   for (int64_t p = 0; p < static_cast<int64_t>(in.problems.size()); ++p) {
     for (int64_t h = 0; h < n.Hq; ++h) {
-      for (int64_t q0 = 0; q0 < in.problems[p].q_len; q0 += kFwdBlockQ) tasks.push_back({p, h, q0});
+      for (int64_t q0 = 0; q0 < in.problems[p].q_len; q0 += in.fwd_block_q) tasks.push_back({p, h, q0});
     }
   }
   const acc_t score_scale = static_cast<acc_t>(in.scale) * kScoreUnit<acc_t>;  // scores in score units
@@ -200,14 +216,15 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
   std::atomic<int64_t> next_task{0};
 
   at::parallel_for(0, task_workers(count), 1, [&](int64_t, int64_t) {
-    std::vector<acc_t> q_buf(kFwdBlockQ * n.E), k_buf(kFwdBlockK * n.E), v_buf(kFwdBlockK * n.Ev);
-    std::vector<acc_t> scores(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * n.Ev);
-    std::vector<acc_t> row_max_(kFwdBlockQ), row_sum(kFwdBlockQ);
+    const int64_t block_q = in.fwd_block_q, rows = in.tile_rows(block_q), ld_s = in.tile_ld(kFwdBlockK);
+    AlignedVector<acc_t> q_buf(rows * n.E), k_buf(ld_s * n.E), v_buf(ld_s * n.Ev);
+    AlignedVector<acc_t> scores(rows * ld_s), acc(rows * n.Ev);
+    AlignedVector<acc_t> row_max_(rows), row_sum(rows);
     for (int64_t t = next_task++; t < count; t = next_task++) {
       const ForwardTask task = tasks[t];
       const Problem& pr = in.problems[task.problem];
       const int64_t b = pr.b, h = task.head, hk = h / group, i0 = task.q0;
-      const int64_t nq = std::min(kFwdBlockQ, pr.q_len - i0);
+      const int64_t nq = std::min(block_q, pr.q_len - i0);
       int64_t ldq;
       const acc_t* Q = as_rows<scalar_t, acc_t>(
           in.q + b * in.sq.b + h * in.sq.h + (pr.q_start + i0) * in.sq.r, in.sq.r, in.sq.c, nq, n.E,
@@ -227,10 +244,9 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
         const acc_t* V = as_rows<scalar_t, acc_t>(
             in.v + b * in.sv.b + hk * in.sv.h + (pr.k_start + j0) * in.sv.r, in.sv.r, in.sv.c, nk,
             n.Ev, v_buf.data(), &ldv);
-        gemm<acc_t>(false, true, nq, nk, n.E, score_scale, Q, ldq, K, ldk, acc_t(0), scores.data(),
-                    kFwdBlockK);
+        gemm<acc_t>(false, true, nq, nk, n.E, score_scale, Q, ldq, K, ldk, acc_t(0), scores.data(), ld_s);
         for (int64_t r = 0; r < nq; ++r) {
-          acc_t* s = scores.data() + r * kFwdBlockK;
+          acc_t* s = scores.data() + r * ld_s;
           const int64_t i = i0 + r, gi = pr.q_start + i;
           mask_row(in, s, nk, b, h, i, gi, j0, pr.k_start + j0);
           const acc_t block_max = row_max(s, nk);
@@ -253,7 +269,7 @@ void forward_kernel(const Inputs<scalar_t>& in, scalar_t* out, Strides4 so, floa
             for (int64_t j = 0; j < nk; ++j) s[j] = in.rng.keep(base + j) ? s[j] * keep_scale : acc_t(0);
           }
         }
-        gemm<acc_t>(false, false, nq, n.Ev, nk, acc_t(1), scores.data(), kFwdBlockK, V, ldv,
+        gemm<acc_t>(false, false, nq, n.Ev, nk, acc_t(1), scores.data(), ld_s, V, ldv,
                     first_block ? acc_t(0) : acc_t(1), acc.data(), n.Ev);
       }
       for (int64_t r = 0; r < nq; ++r) {
@@ -286,9 +302,10 @@ void recompute_lse(const Inputs<scalar_t>& in, const Problem& pr, int64_t h, int
                    int64_t ldq, acc_t* lse_out) {
   const Shape& n = in.n;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  std::vector<acc_t> k_buf(kFwdBlockK * n.E), scores(kFwdBlockQ * kFwdBlockK), mx(kFwdBlockQ), sum(kFwdBlockQ);
-  for (int64_t i0 = 0; i0 < pr.q_len; i0 += kFwdBlockQ) {
-    const int64_t nq = std::min(kFwdBlockQ, pr.q_len - i0);
+  const int64_t block_q = in.fwd_block_q, rows = in.tile_rows(block_q), ld_s = in.tile_ld(kFwdBlockK);
+  AlignedVector<acc_t> k_buf(ld_s * n.E), scores(rows * ld_s), mx(rows), sum(rows);
+  for (int64_t i0 = 0; i0 < pr.q_len; i0 += block_q) {
+    const int64_t nq = std::min(block_q, pr.q_len - i0);
     std::fill(mx.begin(), mx.end(), neg_inf);
     std::fill(sum.begin(), sum.end(), acc_t(0));
     const int64_t j_begin = in.window.key_begin(i0), j_end = in.window.key_end(i0 + nq, pr.k_len);
@@ -298,9 +315,9 @@ void recompute_lse(const Inputs<scalar_t>& in, const Problem& pr, int64_t h, int
       const acc_t* K = as_rows<scalar_t, acc_t>(in.k + pr.b * in.sk.b + hk * in.sk.h + (pr.k_start + j0) * in.sk.r,
                                                 in.sk.r, in.sk.c, nk, n.E, k_buf.data(), &ldk);
       gemm<acc_t>(false, true, nq, nk, n.E, static_cast<acc_t>(in.scale) * kScoreUnit<acc_t>, Q + i0 * ldq, ldq, K, ldk, acc_t(0),
-                  scores.data(), kFwdBlockK);
+                  scores.data(), ld_s);
       for (int64_t r = 0; r < nq; ++r) {
-        acc_t* s = scores.data() + r * kFwdBlockK;
+        acc_t* s = scores.data() + r * ld_s;
         mask_row(in, s, nk, pr.b, h, i0 + r, pr.q_start + i0 + r, j0, pr.k_start + j0);
         const acc_t new_max = std::max(mx[r], row_max(s, nk));
         if (new_max == neg_inf) continue;
@@ -340,15 +357,20 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
   const int64_t threads = at::get_num_threads();
   const int64_t parts = units > 0 && units < threads ? (threads + units - 1) / units : 1;
   const int64_t items = units * parts;
-  std::vector<std::vector<acc_t>> dq_parts(parts > 1 ? items : 0);
+  std::vector<AlignedVector<acc_t>> dq_parts(parts > 1 ? items : 0);
+  // Longer key blocks only where nothing is wasted on a window's edge, and where a unit is not
+  // split into parts (a part needs key blocks of its own).
+  const bool unbounded = in.window.left < 0 && in.window.right < 0;
+  const int64_t block_k = unbounded && parts == 1 ? kBwdBlockK : kBwdBlockKWindowed;
+  const int64_t rows = in.tile_rows(kBwdBlockQ), ld_s = in.tile_ld(block_k);
 
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, task_workers(items), 1, [&](int64_t, int64_t) {
-    std::vector<acc_t> k_buf(kBwdBlockK * n.E), v_buf(kBwdBlockK * n.Ev);
-    std::vector<acc_t> probs(kBwdBlockQ * kBwdBlockK), dropped(in.rng.active ? kBwdBlockQ * kBwdBlockK : 0);
-    std::vector<acc_t> dscores(kBwdBlockQ * kBwdBlockK);
-    std::vector<acc_t> dk(kBwdBlockK * n.E), dv(kBwdBlockK * n.Ev);
-    std::vector<acc_t> q_buf, do_buf, dq, delta, row_lse;
+    AlignedVector<acc_t> k_buf(ld_s * n.E), v_buf(ld_s * n.Ev);
+    AlignedVector<acc_t> probs(rows * ld_s), dropped(in.rng.active ? rows * ld_s : 0);
+    AlignedVector<acc_t> dscores(rows * ld_s);
+    AlignedVector<acc_t> dk(ld_s * n.E), dv(ld_s * n.Ev);
+    AlignedVector<acc_t> q_buf, do_buf, dq, delta, row_lse;
     for (int64_t w = next_item++; w < items; w = next_item++) {
       const int64_t u = w / parts, part = w % parts;
       const Problem& pr = in.problems[u / n.Hk];
@@ -357,7 +379,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
       // D = rowsum(dO * O) pre-pass, and the dQ accumulator: all O(L) per head.
       q_buf.resize(group * ql * n.E);
       do_buf.resize(group * ql * n.Ev);
-      std::vector<acc_t>& dq_acc = parts > 1 ? dq_parts[w] : dq;
+      AlignedVector<acc_t>& dq_acc = parts > 1 ? dq_parts[w] : dq;
       dq_acc.assign(group * ql * n.E, acc_t(0));
       delta.resize(group * ql);
       std::vector<const acc_t*> Q(group), dO(group);
@@ -394,8 +416,8 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
 
       // Part p takes key blocks p, p + parts, ...: interleaved, so that a causal mask (early keys
       // seen by more queries) does not load one part more than another.
-      for (int64_t j0 = part * kBwdBlockK; j0 < pr.k_len; j0 += parts * kBwdBlockK) {
-        const int64_t nk = std::min(kBwdBlockK, pr.k_len - j0), gj0 = pr.k_start + j0;
+      for (int64_t j0 = part * block_k; j0 < pr.k_len; j0 += parts * block_k) {
+        const int64_t nk = std::min(block_k, pr.k_len - j0), gj0 = pr.k_start + j0;
         int64_t ldk, ldv;
         const acc_t* K = as_rows<scalar_t, acc_t>(in.k + b * in.sk.b + hk * in.sk.h + gj0 * in.sk.r,
                                                   in.sk.r, in.sk.c, nk, n.E, k_buf.data(), &ldk);
@@ -410,10 +432,9 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
             const int64_t nq = std::min(kBwdBlockQ, i_end - i0);
             const acc_t* Qb = Q[gh] + i0 * ldq[gh];
             const acc_t* dOb = dO[gh] + i0 * lddo[gh];
-            gemm<acc_t>(false, true, nq, nk, n.E, score_scale, Qb, ldq[gh], K, ldk, acc_t(0), probs.data(),
-                        kBwdBlockK);
+            gemm<acc_t>(false, true, nq, nk, n.E, score_scale, Qb, ldq[gh], K, ldk, acc_t(0), probs.data(), ld_s);
             for (int64_t r = 0; r < nq; ++r) {
-              acc_t* p = probs.data() + r * kBwdBlockK;
+              acc_t* p = probs.data() + r * ld_s;
               const int64_t i = i0 + r, gi = pr.q_start + i;
               mask_row(in, p, nk, b, h, i, gi, j0, gj0);
               const acc_t this_lse = row_lse[gh * ql + i];
@@ -423,20 +444,20 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
                 exp_shift(p, nk, this_lse * kScoreUnit<acc_t>);
               }
               if (in.rng.active) {
-                acc_t* pd = dropped.data() + r * kBwdBlockK;
+                acc_t* pd = dropped.data() + r * ld_s;
                 const uint64_t base = in.element_index(b, h, gi, gj0);
                 for (int64_t j = 0; j < nk; ++j) pd[j] = in.rng.keep(base + j) ? p[j] * keep_scale : acc_t(0);
               }
             }
             const acc_t* P_dropped = in.rng.active ? dropped.data() : probs.data();
             // dV += P_dropped^T dO ; dP = dO V^T
-            gemm<acc_t>(true, false, nk, n.Ev, nq, acc_t(1), P_dropped, kBwdBlockK, dOb, lddo[gh],
+            gemm<acc_t>(true, false, nk, n.Ev, nq, acc_t(1), P_dropped, ld_s, dOb, lddo[gh],
                         acc_t(1), dv.data(), n.Ev);
             gemm<acc_t>(false, true, nq, nk, n.Ev, acc_t(1), dOb, lddo[gh], V, ldv, acc_t(0),
-                        dscores.data(), kBwdBlockK);
+                        dscores.data(), ld_s);
             for (int64_t r = 0; r < nq; ++r) {
-              acc_t* ds = dscores.data() + r * kBwdBlockK;
-              softmax_grad(probs.data() + r * kBwdBlockK, P_dropped + r * kBwdBlockK, ds, nk,
+              acc_t* ds = dscores.data() + r * ld_s;
+              softmax_grad(probs.data() + r * ld_s, P_dropped + r * ld_s, ds, nk,
                            delta[gh * ql + i0 + r]);
               if (g.grad_mask != nullptr) {
                 scalar_t* gm = g.grad_mask + ((b * n.Hq + h) * n.L + pr.q_start + i0 + r) * n.S + gj0;
@@ -444,9 +465,9 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
               }
             }
             // dK += scale dS^T Q ; dQ += scale dS K
-            gemm<acc_t>(true, false, nk, n.E, nq, scale, dscores.data(), kBwdBlockK, Qb, ldq[gh],
+            gemm<acc_t>(true, false, nk, n.E, nq, scale, dscores.data(), ld_s, Qb, ldq[gh],
                         acc_t(1), dk.data(), n.E);
-            gemm<acc_t>(false, false, nq, n.E, nk, scale, dscores.data(), kBwdBlockK, K, ldk,
+            gemm<acc_t>(false, false, nq, n.E, nk, scale, dscores.data(), ld_s, K, ldk,
                         acc_t(1), dq_acc.data() + (gh * ql + i0) * n.E, n.E);
           }
         }
@@ -472,9 +493,9 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
     for (int64_t u = begin; u < end; ++u) {
       const Problem& pr = in.problems[u / n.Hk];
       const int64_t b = pr.b, h0 = (u % n.Hk) * group, ql = pr.q_len;
-      std::vector<acc_t>& total = dq_parts[u * parts];
+      AlignedVector<acc_t>& total = dq_parts[u * parts];
       for (int64_t part = 1; part < parts; ++part) {
-        const std::vector<acc_t>& partial = dq_parts[u * parts + part];
+        const AlignedVector<acc_t>& partial = dq_parts[u * parts + part];
         for (size_t x = 0; x < total.size(); ++x) total[x] += partial[x];
       }
       for (int64_t gh = 0; gh < group; ++gh) {
@@ -553,6 +574,13 @@ Inputs<scalar_t> make_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   } else {
     for (int64_t b = 0; b < in.n.B; ++b) in.problems.push_back({b, 0, in.n.L, 0, in.n.S});
   }
+  in.longest_q = in.longest_k = 0;
+  for (const Problem& pr : in.problems) {
+    in.longest_q = std::max(in.longest_q, pr.q_len);
+    in.longest_k = std::max(in.longest_k, pr.k_len);
+  }
+  const bool windowed = left >= 0 || right >= 0;
+  in.fwd_block_q = windowed && in.longest_k <= kShortCausalKeys ? kFwdBlockQShortCausal : kFwdBlockQ;
   return in;
 }
 
