@@ -5,6 +5,9 @@
 // Forward, 1x1 layers (groups 1, no padding; float32/float64; NCHW or channels_last): tiled BLAS
 //          GEMMs, bias + residual + activation applied to each output tile as the GEMM produces it
 //          (conv_pointwise_gemm.cpp; pick_own_core says where and why).
+// Forward, 3x3 stride-1 NCHW float32 layers of 128-256 channels on ~28x28 images: Winograd
+//          F(2x2, 3x3), the epilogue fused into its output transform (conv_winograd.cpp;
+//          prefer_winograd says where and why).
 // Forward, float32/bfloat16, where it measured fastest (prefer_onednn_fused: channels_last,
 //          depthwise, or with a residual; not tiny): oneDNN's fused convolution primitive (the ATen
 //          op mkldnn::_convolution_pointwise that inductor's CPU conv fusions use), configured with
@@ -34,6 +37,7 @@
 
 #include "conv_epilogue.h"
 #include "conv_pointwise_gemm.h"
+#include "conv_winograd.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -182,17 +186,42 @@ bool prefer_onednn_fused(const at::Tensor& input, const at::Tensor& weight, cons
 }
 
 // ------------------------------------------------------------------ our own tiled cores
-enum class OwnCore { None, PointwiseGemm };
+enum class OwnCore { None, PointwiseGemm, Winograd };
 
 // 1x1 convolutions (groups 1, no padding, any stride; float32/float64; NCHW or channels_last) run as
 // tiled BLAS GEMMs with the epilogue fused per tile (conv_pointwise_gemm.cpp). Measured side by side
 // on the machine above (fp32, 2 threads, bias + relu [+ residual], bench/conv.py's FULL_CPU 1x1
 // layers): 1.14-1.81x the stock conv2d + add + relu where oneDNN's fused primitive or
 // at::convolution + our pass measured 0.93-1.23x.
-OwnCore pick_own_core(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding, int64_t groups,
+// 3x3 stride-1 NCHW float32 layers run Winograd F(2x2, 3x3) (conv_winograd.cpp) where it measured
+// faster than oneDNN. Side by side on the machine above (fp32, 2 threads, bias + residual + relu, vs
+// stock conv2d + add + relu, two sweeps): 128 -> 128 at 28x28 1.07x (N=1), 1.09-1.10x (N=2),
+// 1.10-1.14x (N=4), 1.08-1.14x (N=8), where oneDNN's fused primitive measured 0.93-1.03x. Elsewhere it
+// did not pay: 256 -> 256 at 14x14 1.02x (N=8; 0.78x at N=1), 512 -> 512 at 7x7 0.45-0.54x (a tile
+// row of 4 tiles wastes a fifth of the GEMM on its junk tile and the GEMMs are tiny), 64 -> 64 at
+// 56x56 0.82-0.87x at N=1-4 (the 64-deep GEMMs run far below peak), 128 -> 128 at 56x56 0.88x.
+constexpr int64_t kWinogradMinChannels = 128;
+constexpr int64_t kWinogradMaxChannels = 256;
+constexpr int64_t kWinogradMinOutputSide = 24;
+constexpr int64_t kWinogradMaxOutputSide = 40;
+
+bool prefer_winograd(const ConvGeometry& g) {
+  const auto in_range = [](int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; };
+  return in_range(g.channels, kWinogradMinChannels, kWinogradMaxChannels) &&
+         in_range(g.filters, kWinogradMinChannels, kWinogradMaxChannels) &&
+         in_range(g.out_h, kWinogradMinOutputSide, kWinogradMaxOutputSide) &&
+         in_range(g.out_w, kWinogradMinOutputSide, kWinogradMaxOutputSide);
+}
+
+OwnCore pick_own_core(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       at::MemoryFormat layout) {
   if (!input.is_contiguous(layout)) return OwnCore::None;
   if (conv_pointwise_gemm_supports(input, weight, padding, groups)) return OwnCore::PointwiseGemm;
+  if (layout == at::MemoryFormat::Contiguous && prefer_winograd(g) &&
+      conv_winograd_supports(input, weight, stride, padding, dilation, groups)) {
+    return OwnCore::Winograd;
+  }
   return OwnCore::None;
 }
 
@@ -273,14 +302,19 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
 
   // Our own cores, where they measured faster: they produce the output tile by tile and apply the
   // epilogue to each tile as it is produced.
-  const OwnCore own = pick_own_core(input, weight, padding, groups, layout);
-  if (own == OwnCore::PointwiseGemm) {
+  const OwnCore own = pick_own_core(input, weight, g, stride, padding, dilation, groups, layout);
+  if (own != OwnCore::None) {
     const auto options = input.options().memory_format(layout);
     at::Tensor output = at::empty({g.batch, g.filters, g.out_h, g.out_w}, options);
     if (keep_z) preactivation = at::empty({g.batch, g.filters, g.out_h, g.out_w}, options);
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    conv_pointwise_gemm(input, weight, b, res, stride, layout == at::MemoryFormat::ChannelsLast, output,
-                        keep_z ? preactivation : at::Tensor(), act, negative_slope);
+    if (own == OwnCore::PointwiseGemm) {
+      conv_pointwise_gemm(input, weight, b, res, stride, layout == at::MemoryFormat::ChannelsLast, output,
+                          keep_z ? preactivation : at::Tensor(), act, negative_slope);
+    } else {
+      conv_winograd(input, weight, b, res, padding, output, keep_z ? preactivation : at::Tensor(), act,
+                    negative_slope);
+    }
     return {output, preactivation};
   }
 
