@@ -134,8 +134,12 @@ class Conv2dBNAct(nn.Module):
         return super()._apply(*args, **kwargs)
 
     def _fold_sources(self) -> tuple[Optional[Tensor], ...]:
-        return (self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias, self.bn.running_mean,
-                self.bn.running_var)
+        # Read from the modules' parameter/buffer dicts (where nn.Module keeps them, also after a
+        # reassignment): six attribute reads through nn.Module.__getattr__ cost ~7 us per call.
+        conv, bn = self._modules["conv"], self._modules["bn"]
+        conv_p, bn_p, bn_b = conv._parameters, bn._parameters, bn._buffers
+        return (conv_p["weight"], conv_p.get("bias"), bn_p.get("weight"), bn_p.get("bias"), bn_b.get("running_mean"),
+                bn_b.get("running_var"))
 
     def _folded_weight_and_bias(self) -> tuple[Tensor, Tensor]:
         sources = self._fold_sources()
