@@ -90,3 +90,35 @@ def test_zero_batch_and_non_dense_input():
         y = bigkernels.nn.functional.conv2d(x, w, b, activation="relu")
     ref = reference.conv2d(x.double(), w.double(), b.double(), (1, 1), (0, 0), (1, 1), 1, "relu")
     assert_matches("sliced", y, reference.conv2d(x, w, b, (1, 1), (0, 0), (1, 1), 1, "relu"), ref)
+
+
+@pytest.mark.parametrize("wanted", ["input", "weight", "all"])
+def test_strided_nchw_backward_runs_as_gemms(wanted, poison_empty):
+    """NCHW strided 1x1 layers take their input/weight gradients from plain GEMMs (csrc/cpu/conv.cpp,
+    pointwise_backward_gemm), not ATen's convolution_backward; each subset of gradients is right."""
+    g = torch.Generator().manual_seed(330)
+    x64 = torch.randn(3, 17, 11, 8, generator=g, dtype=torch.float64)
+    w64 = torch.randn(33, 17, 1, 1, generator=g, dtype=torch.float64) * 17**-0.5
+    b64 = torch.randn(33, generator=g, dtype=torch.float64)
+    r64 = torch.randn(3, 33, 6, 3, generator=g, dtype=torch.float64)
+    dy64 = torch.randn(3, 33, 6, 3, generator=g, dtype=torch.float64)
+    stride = (2, 3)
+
+    def grads(dtype, fn):
+        x, w, b, r = (t.to(dtype).requires_grad_(wanted in ("all", name))
+                      for t, name in ((x64, "input"), (w64, "weight"), (b64, "all"), (r64, "all")))
+        leaves = [t for t in (x, w, b, r) if t.requires_grad]
+        return torch.autograd.grad(fn(x, w, b, r), leaves, dy64.to(dtype))
+
+    def fused(x, w, b, r):
+        return bigkernels.nn.functional.conv2d(x, w, b, stride, activation="relu", residual=r)
+
+    def stock_fn(x, w, b, r):
+        return torch.relu(torch.nn.functional.conv2d(x, w, b, stride) + r)
+
+    with bigkernels.use_backend("cpu"), torch.autograd.profiler.profile() as prof:
+        got = grads(torch.float32, fused)
+    assert not any("convolution_backward" in e.name for e in prof.function_events)
+    expected, ref = grads(torch.float32, stock_fn), grads(torch.float64, stock_fn)
+    for i, (a, s, r) in enumerate(zip(got, expected, ref)):
+        assert_matches(f"strided-1x1-grad-{wanted}-{i}", a, s, r)

@@ -5,6 +5,9 @@
 // Forward, 1x1 layers (groups 1, no padding; float32/float64; NCHW or channels_last): tiled BLAS
 //          GEMMs, bias + residual + activation applied to each output tile as the GEMM produces it
 //          (conv_pointwise_gemm.cpp; pick_own_core says where and why).
+// Forward, 3x3 stride-1 NCHW float32 layers of 128-256 channels on ~28x28 images: Winograd
+//          F(2x2, 3x3), the epilogue fused into its output transform (conv_winograd.cpp;
+//          prefer_winograd says where and why).
 // Forward, float32/bfloat16, where it measured fastest (prefer_onednn_fused: channels_last,
 //          depthwise, or with a residual; not tiny): oneDNN's fused convolution primitive (the ATen
 //          op mkldnn::_convolution_pointwise that inductor's CPU conv fusions use), configured with
@@ -18,6 +21,7 @@
 //          + residual, activation) and allocates a tensor for each.
 // Backward: ONE pass gz = dy * act'(z or y), then ATen's convolution_backward on gz for the
 //          input, weight and bias gradients (each skipped when not wanted); grad_residual is gz.
+//          NCHW strided 1x1 layers take plain GEMMs instead (pointwise_backward_gemm).
 //
 // Layouts: NCHW-contiguous and channels_last input are both fast (oneDNN takes either without a
 // reorder of the activations); the output takes the input's layout. Any other strides work but
@@ -34,6 +38,7 @@
 
 #include "conv_epilogue.h"
 #include "conv_pointwise_gemm.h"
+#include "conv_winograd.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -182,17 +187,42 @@ bool prefer_onednn_fused(const at::Tensor& input, const at::Tensor& weight, cons
 }
 
 // ------------------------------------------------------------------ our own tiled cores
-enum class OwnCore { None, PointwiseGemm };
+enum class OwnCore { None, PointwiseGemm, Winograd };
 
 // 1x1 convolutions (groups 1, no padding, any stride; float32/float64; NCHW or channels_last) run as
 // tiled BLAS GEMMs with the epilogue fused per tile (conv_pointwise_gemm.cpp). Measured side by side
 // on the machine above (fp32, 2 threads, bias + relu [+ residual], bench/conv.py's FULL_CPU 1x1
 // layers): 1.14-1.81x the stock conv2d + add + relu where oneDNN's fused primitive or
 // at::convolution + our pass measured 0.93-1.23x.
-OwnCore pick_own_core(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding, int64_t groups,
+// 3x3 stride-1 NCHW float32 layers run Winograd F(2x2, 3x3) (conv_winograd.cpp) where it measured
+// faster than oneDNN. Side by side on the machine above (fp32, 2 threads, bias + residual + relu, vs
+// stock conv2d + add + relu, two sweeps): 128 -> 128 at 28x28 1.07x (N=1), 1.09-1.10x (N=2),
+// 1.10-1.14x (N=4), 1.08-1.14x (N=8), where oneDNN's fused primitive measured 0.93-1.03x. Elsewhere it
+// did not pay: 256 -> 256 at 14x14 1.02x (N=8; 0.78x at N=1), 512 -> 512 at 7x7 0.45-0.54x (a tile
+// row of 4 tiles wastes a fifth of the GEMM on its junk tile and the GEMMs are tiny), 64 -> 64 at
+// 56x56 0.82-0.87x at N=1-4 (the 64-deep GEMMs run far below peak), 128 -> 128 at 56x56 0.88x.
+constexpr int64_t kWinogradMinChannels = 128;
+constexpr int64_t kWinogradMaxChannels = 256;
+constexpr int64_t kWinogradMinOutputSide = 24;
+constexpr int64_t kWinogradMaxOutputSide = 40;
+
+bool prefer_winograd(const ConvGeometry& g) {
+  const auto in_range = [](int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; };
+  return in_range(g.channels, kWinogradMinChannels, kWinogradMaxChannels) &&
+         in_range(g.filters, kWinogradMinChannels, kWinogradMaxChannels) &&
+         in_range(g.out_h, kWinogradMinOutputSide, kWinogradMaxOutputSide) &&
+         in_range(g.out_w, kWinogradMinOutputSide, kWinogradMaxOutputSide);
+}
+
+OwnCore pick_own_core(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       at::MemoryFormat layout) {
   if (!input.is_contiguous(layout)) return OwnCore::None;
   if (conv_pointwise_gemm_supports(input, weight, padding, groups)) return OwnCore::PointwiseGemm;
+  if (layout == at::MemoryFormat::Contiguous && prefer_winograd(g) &&
+      conv_winograd_supports(input, weight, stride, padding, dilation, groups)) {
+    return OwnCore::Winograd;
+  }
   return OwnCore::None;
 }
 
@@ -273,14 +303,19 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
 
   // Our own cores, where they measured faster: they produce the output tile by tile and apply the
   // epilogue to each tile as it is produced.
-  const OwnCore own = pick_own_core(input, weight, padding, groups, layout);
-  if (own == OwnCore::PointwiseGemm) {
+  const OwnCore own = pick_own_core(input, weight, g, stride, padding, dilation, groups, layout);
+  if (own != OwnCore::None) {
     const auto options = input.options().memory_format(layout);
     at::Tensor output = at::empty({g.batch, g.filters, g.out_h, g.out_w}, options);
     if (keep_z) preactivation = at::empty({g.batch, g.filters, g.out_h, g.out_w}, options);
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    conv_pointwise_gemm(input, weight, b, res, stride, layout == at::MemoryFormat::ChannelsLast, output,
-                        keep_z ? preactivation : at::Tensor(), act, negative_slope);
+    if (own == OwnCore::PointwiseGemm) {
+      conv_pointwise_gemm(input, weight, b, res, stride, layout == at::MemoryFormat::ChannelsLast, output,
+                          keep_z ? preactivation : at::Tensor(), act, negative_slope);
+    } else {
+      conv_winograd(input, weight, b, res, padding, output, keep_z ? preactivation : at::Tensor(), act,
+                    negative_slope);
+    }
     return {output, preactivation};
   }
 
@@ -318,6 +353,76 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
   }
   conv_forward_epilogue(conv, res, keep_z ? preactivation : at::Tensor(), output, act, negative_slope);
   return {output, preactivation};
+}
+
+// ------------------------------------------------------------------ 1x1 backward as GEMMs
+// A 1x1 convolution's gradients are plain matrix products over the pixels (as its forward in
+// conv_pointwise_gemm.cpp), with G = gz and X = the input pixels the forward read (every stride-th):
+//   NCHW, per image:   grad_input[n] (C x PQ) = W^T (C x K) . G[n] (K x PQ)
+//                      grad_weight (K x C)    = sum_n G[n] . X[n]^T
+//   channels_last:     grad_input (NPQ x C)   = G (NPQ x K) . W (K x C);  grad_weight = G^T . X
+// run by ATen's BLAS-backed matmul/mm/bmm. Strided layers scatter grad_input into a zero tensor.
+// Used where it measured faster than ATen's convolution_backward (oneDNN), side by side on the
+// 2-core Xeon (fp32, 2 threads, bias + relu, whole fwd+bwd step): NCHW strided 1x1 layers, e.g.
+// N=8 256->512 56x56 stride 2: 26.0 vs 50.7 ms (stock 55.9); N=1 same layer 2.9 vs 5.8 ms; N=4
+// 512->1024 28x28 stride 2: 9.9 vs 11.7 ms; N=2 64->128 31x31 stride 2: 0.52 vs 0.65 ms. Not used for
+// stride 1 (N=8 64->256 56x56: 31.6 vs 28.6 ms; N=1 256->64: 3.7 vs 1.8 ms) nor channels_last
+// (within 1-5% of ATen's).
+bool pointwise_backward_by_gemm(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, int64_t groups, at::MemoryFormat layout,
+                                const at::Tensor& grad_z) {
+  const auto dt = input.scalar_type();
+  return (dt == at::kFloat || dt == at::kDouble) && groups == 1 && weight.size(2) == 1 && weight.size(3) == 1 &&
+         padding[0] == 0 && padding[1] == 0 && (stride[0] != 1 || stride[1] != 1) &&
+         layout == at::MemoryFormat::Contiguous && input.numel() > 0 && grad_z.numel() > 0;
+}
+
+// The input pixels a strided 1x1 convolution reads: x[:, :, ::sh, ::sw] cut to the output's size.
+at::Tensor strided_pixels(const at::Tensor& t, at::IntArrayRef stride, int64_t out_h, int64_t out_w) {
+  if (stride[0] == 1 && stride[1] == 1) return t;
+  return t.slice(2, 0, (out_h - 1) * stride[0] + 1, stride[0]).slice(3, 0, (out_w - 1) * stride[1] + 1, stride[1]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_backward_gemm(const at::Tensor& grad_z, const at::Tensor& input,
+                                                                       const at::Tensor& weight, at::IntArrayRef stride,
+                                                                       at::MemoryFormat layout, std::array<bool, 4> mask) {
+  const int64_t n = input.size(0), c = input.size(1), k = weight.size(0), p = grad_z.size(2), q = grad_z.size(3);
+  const bool strided = stride[0] != 1 || stride[1] != 1;
+  const at::Tensor w2 = weight.reshape({k, c});
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (layout == at::MemoryFormat::ChannelsLast) {
+    const at::Tensor g2 = grad_z.permute({0, 2, 3, 1}).reshape({n * p * q, k});
+    if (mask[0]) {
+      const at::Tensor gi = at::mm(g2, w2).view({n, p, q, c}).permute({0, 3, 1, 2});
+      if (strided) {
+        grad_input = at::zeros(input.sizes(), input.options().memory_format(layout));
+        strided_pixels(grad_input, stride, p, q).copy_(gi);
+      } else {
+        grad_input = gi;
+      }
+    }
+    if (mask[1]) {
+      const at::Tensor x2 = strided_pixels(input, stride, p, q).permute({0, 2, 3, 1}).reshape({n * p * q, c});
+      grad_weight = at::mm(g2.t(), x2).view({k, c, 1, 1});
+    }
+  } else {
+    const at::Tensor g3 = grad_z.reshape({n, k, p * q});
+    if (mask[0]) {
+      const at::Tensor gi = at::matmul(w2.t(), g3).view({n, c, p, q});
+      if (strided) {
+        grad_input = at::zeros(input.sizes(), input.options());
+        strided_pixels(grad_input, stride, p, q).copy_(gi);
+      } else {
+        grad_input = gi;
+      }
+    }
+    if (mask[1]) {
+      const at::Tensor x3 = strided_pixels(input, stride, p, q).reshape({n, c, p * q});
+      grad_weight = (n == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0)).view({k, c, 1, 1});
+    }
+  }
+  if (mask[2]) grad_bias = grad_z.sum({0, 2, 3});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
@@ -360,7 +465,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
 
   at::Tensor grad_input, grad_weight, grad_bias;
   const bool any_conv_grad = output_mask[0] || output_mask[1] || output_mask[2];
-  if (any_conv_grad) {
+  if (any_conv_grad && pointwise_backward_by_gemm(input, weight, stride, padding, groups, layout, grad_z)) {
+    std::tie(grad_input, grad_weight, grad_bias) =
+        pointwise_backward_gemm(grad_z, input, weight, stride, layout, {output_mask[0], output_mask[1], output_mask[2], false});
+  } else if (any_conv_grad) {
     const std::vector<int64_t> bias_sizes{g.filters};
     const at::Tensor core_input = core_layout(input, layout);
     std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
