@@ -360,7 +360,6 @@ std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& input, const at::T
 // conv_pointwise_gemm.cpp), with G = gz and X = the input pixels the forward read (every stride-th):
 //   NCHW, per image:   grad_input[n] (C x PQ) = W^T (C x K) . G[n] (K x PQ)
 //                      grad_weight (K x C)    = sum_n G[n] . X[n]^T
-//   channels_last:     grad_input (NPQ x C)   = G (NPQ x K) . W (K x C);  grad_weight = G^T . X
 // run by ATen's BLAS-backed matmul/mm/bmm. Strided layers scatter grad_input into a zero tensor.
 // Used where it measured faster than ATen's convolution_backward (oneDNN), side by side on the
 // 2-core Xeon (fp32, 2 threads, bias + relu, whole fwd+bwd step): NCHW strided 1x1 layers, e.g.
@@ -385,41 +384,24 @@ at::Tensor strided_pixels(const at::Tensor& t, at::IntArrayRef stride, int64_t o
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_backward_gemm(const at::Tensor& grad_z, const at::Tensor& input,
                                                                        const at::Tensor& weight, at::IntArrayRef stride,
-                                                                       at::MemoryFormat layout, std::array<bool, 4> mask) {
+                                                                       std::array<bool, 3> mask) {
   const int64_t n = input.size(0), c = input.size(1), k = weight.size(0), p = grad_z.size(2), q = grad_z.size(3);
   const bool strided = stride[0] != 1 || stride[1] != 1;
   const at::Tensor w2 = weight.reshape({k, c});
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (layout == at::MemoryFormat::ChannelsLast) {
-    const at::Tensor g2 = grad_z.permute({0, 2, 3, 1}).reshape({n * p * q, k});
-    if (mask[0]) {
-      const at::Tensor gi = at::mm(g2, w2).view({n, p, q, c}).permute({0, 3, 1, 2});
-      if (strided) {
-        grad_input = at::zeros(input.sizes(), input.options().memory_format(layout));
-        strided_pixels(grad_input, stride, p, q).copy_(gi);
-      } else {
-        grad_input = gi;
-      }
+  const at::Tensor g3 = grad_z.reshape({n, k, p * q});
+  if (mask[0]) {
+    const at::Tensor gi = at::matmul(w2.t(), g3).view({n, c, p, q});
+    if (strided) {
+      grad_input = at::zeros(input.sizes(), input.options());
+      strided_pixels(grad_input, stride, p, q).copy_(gi);
+    } else {
+      grad_input = gi;
     }
-    if (mask[1]) {
-      const at::Tensor x2 = strided_pixels(input, stride, p, q).permute({0, 2, 3, 1}).reshape({n * p * q, c});
-      grad_weight = at::mm(g2.t(), x2).view({k, c, 1, 1});
-    }
-  } else {
-    const at::Tensor g3 = grad_z.reshape({n, k, p * q});
-    if (mask[0]) {
-      const at::Tensor gi = at::matmul(w2.t(), g3).view({n, c, p, q});
-      if (strided) {
-        grad_input = at::zeros(input.sizes(), input.options());
-        strided_pixels(grad_input, stride, p, q).copy_(gi);
-      } else {
-        grad_input = gi;
-      }
-    }
-    if (mask[1]) {
-      const at::Tensor x3 = strided_pixels(input, stride, p, q).reshape({n, c, p * q});
-      grad_weight = (n == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0)).view({k, c, 1, 1});
-    }
+  }
+  if (mask[1]) {
+    const at::Tensor x3 = strided_pixels(input, stride, p, q).reshape({n, c, p * q});
+    grad_weight = (n == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0)).view({k, c, 1, 1});
   }
   if (mask[2]) grad_bias = grad_z.sum({0, 2, 3});
   return {grad_input, grad_weight, grad_bias};
@@ -467,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   const bool any_conv_grad = output_mask[0] || output_mask[1] || output_mask[2];
   if (any_conv_grad && pointwise_backward_by_gemm(input, weight, stride, padding, groups, layout, grad_z)) {
     std::tie(grad_input, grad_weight, grad_bias) =
-        pointwise_backward_gemm(grad_z, input, weight, stride, layout, {output_mask[0], output_mask[1], output_mask[2], false});
+        pointwise_backward_gemm(grad_z, input, weight, stride, {output_mask[0], output_mask[1], output_mask[2]});
   } else if (any_conv_grad) {
     const std::vector<int64_t> bias_sizes{g.filters};
     const at::Tensor core_input = core_layout(input, layout);
