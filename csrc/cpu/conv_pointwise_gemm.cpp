@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "thread_scratch.h"
 #include "conv_tile_epilogue.h"
 
 namespace bigkernels::cpu {
@@ -66,22 +67,13 @@ struct Operands {
   T* z;
 };
 
-// Per-thread packing buffer that outlives the call (a fresh one would be page-faulted in on every
-// call). Grows, never shrinks.
-template <typename T>
-T* thread_packing_buffer(int64_t elements) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < elements) buffer.resize(elements);
-  return buffer.data();
-}
-
 template <typename T>
 void forward_nchw(const Operands<T>& o, const Geometry& g, Activation act, T slope) {
   const int64_t pq = g.out_h * g.out_w, hw = g.height * g.width;
   const bool strided = g.stride_h != 1 || g.stride_w != 1;
   const Tiling tiles = make_tiling(pq, g.filters, g.batch);
   at::parallel_for(0, g.batch * tiles.count, 1, [&](int64_t begin, int64_t end) {
-    T* packed = strided ? thread_packing_buffer<T>(g.channels * tiles.size) : nullptr;
+    T* packed = strided ? thread_scratch<T>(g.channels * tiles.size) : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles.count;
       const int64_t j0 = (task % tiles.count) * tiles.size, len = std::min(tiles.size, pq - j0);
@@ -124,7 +116,7 @@ void forward_channels_last(const Operands<T>& o, const Geometry& g, Activation a
   const bool strided = g.stride_h != 1 || g.stride_w != 1;
   const Tiling tiles = make_tiling(rows, g.filters, 1);
   at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
-    T* packed = strided ? thread_packing_buffer<T>(tiles.size * g.channels) : nullptr;
+    T* packed = strided ? thread_scratch<T>(tiles.size * g.channels) : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r0 = task * tiles.size, len = std::min(tiles.size, rows - r0);
       const T* a = o.x + r0 * g.channels;  // stride 1: output pixel r reads input pixel r

@@ -29,6 +29,7 @@
 
 #include "blas.h"
 #include "conv_tile_epilogue.h"
+#include "thread_scratch.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -211,21 +212,10 @@ struct Operands {
 int64_t padded_ld(int64_t slots) { return (slots + 15) / 16 * 16; }
 
 
-// Per-thread scratch that outlives the call: fresh buffers of this size every call would be
-// page-faulted in on every call (they are above malloc's mmap threshold). Grows, never shrinks.
-float* thread_scratch(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
-  return buffer.data();
-}
-
-// The calling thread's buffer for U (shared by the tasks; the calling thread also runs tasks, which
-// use thread_scratch, a different buffer).
-float* transformed_weights_scratch(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
-  return buffer.data();
-}
+// Per-thread scratch (thread_scratch.h): slot 0 for a task's block buffers, slot 1 for U, which the
+// calling thread holds while it also runs tasks.
+constexpr int kBlockScratch = 0;
+constexpr int kWeightScratch = 1;
 
 int64_t phase_plane_floats(int64_t block_rows, int64_t row_slots) { return (block_rows + 2) * row_slots; }
 
@@ -298,7 +288,7 @@ void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::
   g.tile_rows = (g.out_h + 1) / 2, g.tile_cols = (g.out_w + 1) / 2;
 
   const at::Tensor w = weight.contiguous();
-  float* u = transformed_weights_scratch(kPositions * position_stride(g.filters, g.channels));
+  float* u = thread_scratch<float, kWeightScratch>(kPositions * position_stride(g.filters, g.channels));
   transform_weights(w.data_ptr<float>(), u, g.filters, g.channels);
   const Operands op{input.data_ptr<float>(),
                     u,
@@ -321,7 +311,7 @@ void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::
   const int64_t scratch_floats = block_scratch_floats(g, max_block_rows);
   const float slope = static_cast<float>(negative_slope);
   at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
-    float* scratch = thread_scratch(scratch_floats);
+    float* scratch = thread_scratch<float, kBlockScratch>(scratch_floats);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks_per_image, b = task % blocks_per_image;
       const int64_t th0 = b * g.tile_rows / blocks_per_image, th1 = (b + 1) * g.tile_rows / blocks_per_image;
