@@ -76,3 +76,76 @@ def test_routed_elsewhere():
             check_against_stock("cpu", "cpu", dtype, tensors, geo, "relu", channels_last)
     bf16 = make_case(1, 128, 28, 28, 128, (3, 3), 1, 1, 1, 1, seed=421)
     assert not _winograd_ran(*bf16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- transformed-weight cache
+# conv_winograd reuses its transformed filters while the weight tensor is the same and unchanged
+# (csrc/cpu/conv_weight_cache.h): every way a weight changes must change the result.
+CACHE_GEOMETRY = (1, 128, 26, 26, 128, (3, 3), 1, 1, 1, 1)
+
+
+def _check_call(t32, geo, name):
+    """ours(t32) by the DESIGN rule against the float64 reference of the same (current) values."""
+    with torch.no_grad(), bigkernels.use_backend("cpu"):
+        y = ours(t32, geo, "relu")
+        ref = stock(cast(t32, torch.float64, "cpu", requires_grad=False), geo, "relu")
+        assert_matches(name, y, stock(t32, geo, "relu"), ref)
+    return y
+
+
+def test_weight_cache_sees_in_place_changes(poison_empty):
+    tensors, geo = make_case(*CACHE_GEOMETRY, seed=430)
+    assert _winograd_ran(tensors, geo)
+    t = cast(tensors, torch.float32, "cpu", requires_grad=False)
+    y0 = _check_call(t, geo, "first call")
+    y1 = _check_call(t, geo, "same weight again (cached)")
+    assert torch.equal(y0, y1)
+    t["weight"].add_(0.05)  # in place: the version counter moves
+    y2 = _check_call(t, geo, "after add_")
+    assert not torch.equal(y1, y2)
+    t["weight"][3].mul_(-1)  # through a view: shares the version counter
+    _check_call(t, geo, "after a write through a view")
+    with torch.no_grad():
+        t["weight"].copy_(torch.randn_like(t["weight"]) * 0.03)  # load_state_dict's way
+    _check_call(t, geo, "after copy_")
+
+
+def test_weight_cache_training_step_and_load_state_dict(poison_empty):
+    """bigkernels.nn.Conv2d: an optimizer step and load_state_dict both change the next forward."""
+    torch.manual_seed(431)
+    conv = bigkernels.nn.Conv2d(128, 128, 3, padding=1, activation="relu")
+    x = torch.randn(1, 128, 26, 26)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    geo = dict(stride=1, padding=1, dilation=1, groups=1)
+
+    def check(name):
+        t = dict(input=x, weight=conv.weight.detach(), bias=conv.bias.detach(), residual=None)
+        with torch.no_grad():
+            y = conv(x)
+            assert_matches(name, y, stock(t, geo, "relu"), stock(cast(t, torch.float64, "cpu", requires_grad=False), geo, "relu"))
+        return y
+
+    y0 = check("before the step")
+    check("cached")
+    conv(x).square().mean().backward()
+    opt.step()
+    y1 = check("after an optimizer step")
+    assert not torch.equal(y0, y1)
+    other = torch.nn.Conv2d(128, 128, 3, padding=1)
+    conv.load_state_dict(other.state_dict())
+    check("after load_state_dict")
+
+
+def test_weight_cache_freed_weight_never_matches(poison_empty):
+    """A new weight tensor, possibly at the freed one's address, with other values, is transformed
+    afresh; so are inference tensors (no version counter: never cached)."""
+    tensors, geo = make_case(*CACHE_GEOMETRY, seed=432)
+    t = cast(tensors, torch.float32, "cpu", requires_grad=False)
+    for i in range(4):
+        t["weight"] = torch.empty(128, 128, 3, 3).normal_(0, 0.03 * (i + 1))  # the last one freed each turn
+        _check_call(t, geo, f"fresh weight {i}")
+    with torch.inference_mode():
+        t["weight"] = torch.randn(128, 128, 3, 3) * 0.03
+        _check_call(t, geo, "inference tensor")
+        t["weight"].add_(0.1)
+        _check_call(t, geo, "inference tensor after add_")

@@ -29,6 +29,7 @@
 
 #include "blas.h"
 #include "conv_tile_epilogue.h"
+#include "conv_weight_cache.h"
 #include "thread_scratch.h"
 
 namespace bigkernels::cpu {
@@ -83,9 +84,16 @@ void transform_weights_range(const float* __restrict__ w, float* __restrict__ u,
   }
 }
 
-void transform_weights(const float* w, float* u, int64_t filters, int64_t channels) {
+// U for every filter/channel pair, in a fresh tensor (cached across calls by the caller).
+at::Tensor transform_weights(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t filters = w.size(0), channels = w.size(1);
   const int64_t kc = filters * channels, u_stride = position_stride(filters, channels);
-  at::parallel_for(0, kc, 4096, [&](int64_t begin, int64_t end) { transform_weights_range(w, u, u_stride, begin, end); });
+  at::Tensor u = at::empty({kPositions * u_stride}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = u.data_ptr<float>();
+  at::parallel_for(0, kc, 4096, [&](int64_t begin, int64_t end) { transform_weights_range(src, dst, u_stride, begin, end); });
+  return u;
 }
 
 // Tile space of a block: tile rows [th0, th1) of one image, each of tile_cols + 1 slots (the last
@@ -123,6 +131,7 @@ void load_phase_planes(const float* x_plane, const Geometry& g, const BlockSpace
       // The row zero-padded to 2 * row_slots columns, then split into even and odd columns.
       std::fill(padded, padded + 2 * rs, 0.0f);
       std::memcpy(padded + g.pad_w, x_plane + ih * g.width, std::min(g.width, 2 * rs - g.pad_w) * sizeof(float));
+#pragma omp simd
       for (int64_t m = 0; m < rs; ++m) {
         even[m] = padded[2 * m];
         odd[m] = padded[2 * m + 1];
@@ -144,6 +153,9 @@ void transform_input_slots(const float* phase, int64_t plane, const BlockSpace& 
   const float* p11 = phase + 3 * plane;
   float* v[16];
   for (int xi = 0; xi < 16; ++xi) v[xi] = v_c + xi * position_stride;
+  // The 16 output streams never overlap the phase planes: omp simd says so (GCC otherwise keeps
+  // this loop scalar for fear of aliasing).
+#pragma omp simd
   for (int64_t f = 0; f < s.slots; ++f) {
     float d[4][4];
     for (int i = 0; i < 4; ++i) {
@@ -173,6 +185,7 @@ BK_WINOGRAD_MULTIVERSION
 void transform_output_slots(const float* m_k, int64_t position_stride, int64_t slots, float* __restrict__ y) {
   const float* m[16];
   for (int xi = 0; xi < 16; ++xi) m[xi] = m_k + xi * position_stride;
+#pragma omp simd
   for (int64_t f = 0; f < slots; ++f) {
     float s0[4], s1[4];
     for (int j = 0; j < 4; ++j) {  // A^T M: rows combined
@@ -192,6 +205,7 @@ BK_WINOGRAD_MULTIVERSION
 void interleave_output_row(const float* y, int64_t slots, int64_t slot0, int a, int64_t tile_cols, float* row) {
   const float* even = y + (2 * a) * slots + slot0;
   const float* odd = y + (2 * a + 1) * slots + slot0;
+#pragma omp simd
   for (int64_t tw = 0; tw < tile_cols; ++tw) {
     row[2 * tw] = even[tw];
     row[2 * tw + 1] = odd[tw];
@@ -212,10 +226,8 @@ struct Operands {
 int64_t padded_ld(int64_t slots) { return (slots + 15) / 16 * 16; }
 
 
-// Per-thread scratch (thread_scratch.h): slot 0 for a task's block buffers, slot 1 for U, which the
-// calling thread holds while it also runs tasks.
+// Per-thread scratch (thread_scratch.h) for a task's block buffers.
 constexpr int kBlockScratch = 0;
-constexpr int kWeightScratch = 1;
 
 int64_t phase_plane_floats(int64_t block_rows, int64_t row_slots) { return (block_rows + 2) * row_slots; }
 
@@ -242,10 +254,16 @@ void run_block(const Operands& op, const Geometry& g, int64_t n, int64_t th0, in
   for (int64_t c = 0; c < g.channels; ++c) {
     load_phase_planes(op.x + (n * g.channels + c) * hw, g, s, phase, plane, padded);
     transform_input_slots(phase, plane, s, v + c * ld, v_stride);
+    // The GEMMs run over all ld columns (below): zero the padding ones, so no stale NaN/denormal
+    // scratch enters them (their results are never read).
+    for (int64_t xi = 0; xi < kPositions; ++xi) std::fill(v + c * ld + xi * v_stride + s.slots, v + c * ld + xi * v_stride + ld, 0.0f);
   }
+  // n = ld, not the slot count: MKL ran the 128 x n x 128 GEMM at 104 GFLOP/s per core for
+  // n = 105 and 128 for n = 112 (whole 16-float vectors); the whole N=1 128->128 28x28 call went
+  // 0.643 -> 0.581 ms (2 threads, side by side). The padding columns cost less than nothing.
   const int64_t u_stride = position_stride(g.filters, g.channels);
   for (int64_t xi = 0; xi < kPositions; ++xi) {
-    blas::gemm<float>(false, false, g.filters, s.slots, g.channels, 1.0f, op.u + xi * u_stride, g.channels,
+    blas::gemm<float>(false, false, g.filters, ld, g.channels, 1.0f, op.u + xi * u_stride, g.channels,
                       v + xi * v_stride, ld, 0.0f, mbuf + xi * m_stride, ld);
   }
   with_activation(act, [&](auto a_c) {
@@ -287,11 +305,11 @@ void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::
   g.pad_h = padding[0], g.pad_w = padding[1];
   g.tile_rows = (g.out_h + 1) / 2, g.tile_cols = (g.out_w + 1) / 2;
 
-  const at::Tensor w = weight.contiguous();
-  float* u = thread_scratch<float, kWeightScratch>(kPositions * position_stride(g.filters, g.channels));
-  transform_weights(w.data_ptr<float>(), u, g.filters, g.channels);
+  // U = G g G^T: from the weight cache while this weight tensor is unchanged (conv_weight_cache.h).
+  const at::Tensor u = cached_weight_transform(weight, WeightTransformKind::WinogradForward,
+                                               [&] { return transform_weights(weight); });
   const Operands op{input.data_ptr<float>(),
-                    u,
+                    u.data_ptr<float>(),
                     bias.defined() ? bias.data_ptr<float>() : nullptr,
                     residual.defined() ? residual.data_ptr<float>() : nullptr,
                     output.data_ptr<float>(),
