@@ -159,7 +159,7 @@ ONEDNN_CASES = [
     ((2, 16, 48, 48, 32, (3, 3), 1, 1, 1, 1), True, True),  # channels_last + residual
     ((2, 16, 96, 96, 32, (3, 3), 2, 1, 1, 1), True, False),  # channels_last, strided, no residual
     ((1, 64, 48, 48, 64, (7, 7), 1, 3, 1, 64), True, False),  # depthwise 7x7 channels_last (inference: oneDNN)
-    ((2, 32, 48, 48, 32, (3, 3), 1, 1, 1, 1), False, True),  # NCHW 3x3 + residual (1x1: the GEMM core)
+    ((2, 16, 48, 48, 32, (3, 3), 1, 1, 1, 1), False, True),  # NCHW 3x3 + residual (1x1: the GEMM core; >= 32 channels: Winograd)
 ]
 ONEDNN_ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "leaky_relu", None]
 

@@ -1,7 +1,7 @@
 """The CPU conv's Winograd F(2x2, 3x3) core (csrc/cpu/conv_winograd.cpp): 3x3, stride 1, dilation 1,
-groups 1, padding <= 2, NCHW float32, 128-256 channels and filters, 24-40 output rows and columns
-(where it measured faster); the epilogue fused into
-its output transform. Checked against the float64 reference by the DESIGN rule (its transforms
+groups 1, padding <= 2, NCHW float32, 32-512 channels and filters, 14-112 output rows and columns
+(where it measured faster); the epilogue fused into its output transform; its transformed filters
+cached across calls while the weight is unchanged (csrc/cpu/conv_weight_cache.h). Checked against the float64 reference by the DESIGN rule (its transforms
 round differently from a direct convolution), outputs and gradients (the backward is ATen's, fed
 the Winograd forward's output / pre-activation). channels_last, bfloat16, float64 and small layers
 are routed to the other cores."""
@@ -14,18 +14,22 @@ import bigkernels
 from test_conv import cast, check_against_stock, make_case, ours, stock
 from numerics import assert_matches
 
-# (n, c, h, w, k, kernel, stride, padding, dilation, groups). The core serves layers of 128-256
-# channels and filters with 24-40 output rows and columns (csrc/cpu/conv.cpp, prefer_winograd), so
+# (n, c, h, w, k, kernel, stride, padding, dilation, groups). The core serves layers of 32-512
+# channels and filters with 14-112 output rows and columns (csrc/cpu/conv.cpp, prefer_winograd), so
 # every case is in that range: odd image sizes (the last tile row/column half outside the image),
-# odd channel/filter counts, padding 0/1/2, several blocks per image and several images.
+# odd channel/filter counts, padding 0/1/2, several blocks per image and several images, the
+# smallest and largest routed sides.
 WINOGRAD_GEOMETRIES = [
     (1, 128, 39, 25, 128, (3, 3), 1, 1, 1, 1),
     (3, 128, 37, 37, 129, (3, 3), 1, 1, 1, 1),
     (2, 130, 27, 33, 128, (3, 3), 1, 0, 1, 1),
     (1, 128, 30, 30, 255, (3, 3), 1, 2, 1, 1),
     (8, 128, 28, 28, 128, (3, 3), 1, 1, 1, 1),
+    (2, 33, 57, 55, 40, (3, 3), 1, 1, 1, 1),
+    (1, 257, 16, 17, 200, (3, 3), 1, 0, 1, 1),
+    (1, 32, 112, 31, 32, (3, 3), 1, 1, 1, 1),
 ]
-ACTIVATIONS = ["relu", "gelu", None, "leaky_relu", "silu"]
+ACTIVATIONS = ["relu", "gelu", None, "leaky_relu", "silu", "relu", "gelu_tanh", "sigmoid"]
 
 
 def _winograd_ran(tensors, geo, dtype=torch.float32, channels_last=False):
@@ -45,27 +49,30 @@ def test_matches_reference_outputs_and_grads(geometry, poison_empty):
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "silu"])
-def test_inference_realistic_magnitudes(activation, poison_empty):
-    """A ResNet layer2 block tail at He-initialised magnitudes (the benchmark's inputs)."""
-    tensors, geo = make_case(8, 128, 28, 28, 128, (3, 3), 1, 1, 1, 1, seed=410)
+@pytest.mark.parametrize("layer", [(8, 128, 28, 28, 128), (2, 64, 56, 56, 64), (1, 256, 14, 14, 256)])
+def test_inference_realistic_magnitudes(layer, activation, poison_empty):
+    """ResNet layer1-3 block tails at He-initialised magnitudes (the benchmark's inputs)."""
+    n, c, h, w, k = layer
+    tensors, geo = make_case(n, c, h, w, k, (3, 3), 1, 1, 1, 1, seed=410)
     assert _winograd_ran(tensors, geo)
     t = cast(tensors, torch.float32, "cpu", requires_grad=False)
     with torch.no_grad(), bigkernels.use_backend("cpu"):
         y = ours(t, geo, activation)
     ref = stock(cast(tensors, torch.float64, "cpu", requires_grad=False), geo, activation)
-    assert_matches(f"resnet-layer2/{activation}", y, stock(t, geo, activation), ref)
+    assert_matches(f"resnet-{c}x{h}/{activation}", y, stock(t, geo, activation), ref)
 
 
 def test_routed_elsewhere():
-    """channels_last, bfloat16, float64, fewer than 128 channels, small and large images, stride 2 and
-    dilation 2 take the other cores (and still match)."""
+    """channels_last, bfloat16, float64, fewer than 32 or more than 512 channels, images below 14 or
+    above 112 output pixels a side, stride 2 and dilation 2 take the other cores (and still match)."""
     base = (1, 128, 28, 28, 128, (3, 3), 1, 1, 1, 1)
     cases = [
         (base, torch.float32, True),
         (base, torch.float64, False),
-        ((1, 64, 28, 28, 128, (3, 3), 1, 1, 1, 1), torch.float32, False),
-        ((1, 128, 14, 14, 128, (3, 3), 1, 1, 1, 1), torch.float32, False),
-        ((1, 128, 56, 56, 128, (3, 3), 1, 1, 1, 1), torch.float32, False),
+        ((1, 16, 28, 28, 128, (3, 3), 1, 1, 1, 1), torch.float32, False),
+        ((1, 128, 12, 12, 128, (3, 3), 1, 1, 1, 1), torch.float32, False),
+        ((1, 32, 120, 16, 32, (3, 3), 1, 1, 1, 1), torch.float32, False),
+        ((1, 128, 20, 20, 513, (3, 3), 1, 1, 1, 1), torch.float32, False),
         ((4, 128, 56, 56, 128, (3, 3), 2, 1, 1, 1), torch.float32, False),
         ((1, 128, 30, 30, 128, (3, 3), 1, 1, 2, 1), torch.float32, False),
     ]

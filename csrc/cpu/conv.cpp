@@ -5,8 +5,8 @@
 // Forward, 1x1 layers (groups 1, no padding; float32/float64; NCHW or channels_last): tiled BLAS
 //          GEMMs, bias + residual + activation applied to each output tile as the GEMM produces it
 //          (conv_pointwise_gemm.cpp; pick_own_core says where and why).
-// Forward, 3x3 stride-1 NCHW float32 layers of 128-256 channels on ~28x28 images: Winograd
-//          F(2x2, 3x3), the epilogue fused into its output transform (conv_winograd.cpp;
+// Forward, 3x3 stride-1 NCHW float32 layers of 32-512 channels on 14x14 to 112x112 images:
+//          Winograd F(2x2, 3x3), the epilogue fused into its output transform (conv_winograd.cpp;
 //          prefer_winograd says where and why).
 // Forward, float32/bfloat16, where it measured fastest (prefer_onednn_fused: channels_last,
 //          depthwise, or with a residual; not tiny): oneDNN's fused convolution primitive (the ATen
@@ -195,16 +195,23 @@ enum class OwnCore { None, PointwiseGemm, Winograd };
 // layers): 1.14-1.81x the stock conv2d + add + relu where oneDNN's fused primitive or
 // at::convolution + our pass measured 0.93-1.23x.
 // 3x3 stride-1 NCHW float32 layers run Winograd F(2x2, 3x3) (conv_winograd.cpp) where it measured
-// faster than oneDNN. Side by side on the machine above (fp32, 2 threads, bias + residual + relu, vs
-// stock conv2d + add + relu, two sweeps): 128 -> 128 at 28x28 1.07x (N=1), 1.09-1.10x (N=2),
-// 1.10-1.14x (N=4), 1.08-1.14x (N=8), where oneDNN's fused primitive measured 0.93-1.03x. Elsewhere it
-// did not pay: 256 -> 256 at 14x14 1.02x (N=8; 0.78x at N=1), 512 -> 512 at 7x7 0.45-0.54x (a tile
-// row of 4 tiles wastes a fifth of the GEMM on its junk tile and the GEMMs are tiny), 64 -> 64 at
-// 56x56 0.82-0.87x at N=1-4 (the 64-deep GEMMs run far below peak), 128 -> 128 at 56x56 0.88x.
-constexpr int64_t kWinogradMinChannels = 128;
-constexpr int64_t kWinogradMaxChannels = 256;
-constexpr int64_t kWinogradMinOutputSide = 24;
-constexpr int64_t kWinogradMaxOutputSide = 40;
+// faster than stock. Side by side on the machine above (fp32, 2 threads, bias + residual + relu, vs
+// stock conv2d + add + relu, interleaved in one run; run-to-run spread ~5-10%):
+//   128 -> 128 28x28: 1.37-1.42x (N=1, 0.51-0.52 vs 0.71-0.72 ms), 1.29-1.38x (N=8, 3.8-4.1 vs 5.2-5.5 ms)
+//   64 -> 64 56x56: 1.44x (N=1), 1.24x (N=2), 1.24-1.40x (N=8);  64 -> 64 28x28: 1.38x (N=1)
+//   64 -> 64 112x112: 1.42x (N=1);  32 -> 32 56x56: 1.34x (N=1);  96 -> 96 40x40: 1.29x (N=1)
+//   128 -> 128 56x56: 1.20x (N=1), 1.43x (N=8);  128 -> 128 14x14: 1.48x (N=1), 1.01-1.03x (N=8)
+//   256 -> 256 28x28: 1.49x (N=1);  256 -> 256 14x14: 1.11-1.22x (N=1), 1.13-1.17x (N=8)
+//   512 -> 512 14x14: 1.21-1.26x (N=1)
+// It loses on smaller images: 256 -> 256 10x10 0.73x, 512 -> 512 7x7 0.98x (N=1), 0.54x (N=8): a
+// tile row of 4-5 tiles wastes a fifth of the GEMM on its junk tile and the GEMMs are tiny. (Before
+// the transforms were vectorised and the GEMMs run over whole 16-float column vectors it won only
+// at 128 -> 128 28x28, 1.07-1.14x.) Layers outside the measured range (fewer than 32 or more than
+// 512 channels, sides above 112) take the other cores.
+constexpr int64_t kWinogradMinChannels = 32;
+constexpr int64_t kWinogradMaxChannels = 512;
+constexpr int64_t kWinogradMinOutputSide = 14;
+constexpr int64_t kWinogradMaxOutputSide = 112;
 
 bool prefer_winograd(const ConvGeometry& g) {
   const auto in_range = [](int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; };
