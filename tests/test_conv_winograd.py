@@ -156,3 +156,29 @@ def test_weight_cache_freed_weight_never_matches(poison_empty):
         _check_call(t, geo, "inference tensor")
         t["weight"].add_(0.1)
         _check_call(t, geo, "inference tensor after add_")
+
+
+# ---------------------------------------------------------------- input gradient by Winograd
+# The input gradient of a routed 3x3 stride-1 layer is a 3x3 convolution of gz with the flipped,
+# transposed weight, padding 2 - p: conv_backward runs it by the same core (csrc/cpu/conv.cpp,
+# input_grad_by_winograd). Padding 0 and 2 swap there; C != K swaps the channel counts.
+INPUT_GRAD_GEOMETRIES = [
+    (2, 130, 27, 33, 128, (3, 3), 1, 0, 1, 1),
+    (1, 64, 30, 29, 96, (3, 3), 1, 2, 1, 1),
+    (3, 128, 17, 40, 129, (3, 3), 1, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("geometry", range(len(INPUT_GRAD_GEOMETRIES)))
+def test_input_grad_by_winograd(geometry, poison_empty):
+    tensors, geo = make_case(*INPUT_GRAD_GEOMETRIES[geometry], residual=geometry != 1, seed=440 + geometry)
+    # Only the input wants a gradient: the backward then runs no ATen convolution at all.
+    t = cast(tensors, torch.float32, "cpu", requires_grad=False)
+    t["input"].requires_grad_(True)
+    with bigkernels.use_backend("cpu"), torch.autograd.profiler.profile() as prof:
+        y = ours(t, geo, "gelu")
+        (grad_input,) = torch.autograd.grad(y, t["input"], torch.randn_like(y))
+    assert not any("convolution" in e.name and "bigkernels" not in e.name for e in prof.function_events)
+    assert grad_input.shape == t["input"].shape and torch.isfinite(grad_input).all()
+    # Every gradient against the float64 reference by the DESIGN rule (dx by Winograd, dw/db by ATen).
+    check_against_stock("cpu", "cpu", torch.float32, tensors, geo, ["gelu", "relu", "silu"][geometry], seed=geometry)

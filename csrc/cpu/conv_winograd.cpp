@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -301,18 +302,17 @@ bool conv_winograd_supports(const at::Tensor& input, const at::Tensor& weight, a
          weight.size(0) * weight.size(1) < (int64_t(1) << 27);
 }
 
-void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                   const at::Tensor& residual, at::IntArrayRef padding, const at::Tensor& output,
-                   const at::Tensor& preactivation, Activation act, double negative_slope) {
+namespace {
+
+// The convolution of input with the filters whose transform is u (output.size(1) of them).
+void run_winograd(const at::Tensor& input, const at::Tensor& u, const at::Tensor& bias, const at::Tensor& residual,
+                  at::IntArrayRef padding, const at::Tensor& output, const at::Tensor& preactivation, Activation act,
+                  double negative_slope) {
   Geometry g{};
   g.batch = input.size(0), g.channels = input.size(1), g.height = input.size(2), g.width = input.size(3);
-  g.filters = weight.size(0), g.out_h = output.size(2), g.out_w = output.size(3);
+  g.filters = output.size(1), g.out_h = output.size(2), g.out_w = output.size(3);
   g.pad_h = padding[0], g.pad_w = padding[1];
   g.tile_rows = (g.out_h + 1) / 2, g.tile_cols = (g.out_w + 1) / 2;
-
-  // U = G g G^T: from the weight cache while this weight tensor is unchanged (conv_weight_cache.h).
-  const at::Tensor u = cached_weight_transform(weight, WeightTransformKind::WinogradForward,
-                                               [&] { return transform_weights(weight); });
   const Operands op{input.data_ptr<float>(),
                     u.data_ptr<float>(),
                     bias.defined() ? bias.data_ptr<float>() : nullptr,
@@ -341,6 +341,28 @@ void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::
       if (th1 > th0) run_block(op, g, n, th0, th1, scratch, act, slope);
     }
   });
+}
+
+}  // namespace
+
+void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& residual, at::IntArrayRef padding, const at::Tensor& output,
+                   const at::Tensor& preactivation, Activation act, double negative_slope) {
+  // U = G g G^T: from the weight cache while this weight tensor is unchanged (conv_weight_cache.h).
+  const at::Tensor u = cached_weight_transform(weight, WeightTransformKind::WinogradForward,
+                                               [&] { return transform_weights(weight); });
+  run_winograd(input, u, bias, residual, padding, output, preactivation, act, negative_slope);
+}
+
+void conv_winograd_input_grad(const at::Tensor& grad_z, const at::Tensor& weight, at::IntArrayRef padding,
+                              const at::Tensor& grad_input) {
+  // dx[c] = sum_k dz[k] (*) w[k][c] rotated by 180 degrees, padded by 2 - p: the transform of the
+  // flipped, transposed weight, cached under its own kind (the forward's U stays cached too).
+  const at::Tensor u = cached_weight_transform(weight, WeightTransformKind::WinogradInputGrad, [&] {
+    return transform_weights(weight.flip({2, 3}).transpose(0, 1).contiguous());
+  });
+  const std::array<int64_t, 2> grad_padding{2 - padding[0], 2 - padding[1]};
+  run_winograd(grad_z, u, at::Tensor(), at::Tensor(), grad_padding, grad_input, at::Tensor(), Activation::None, 0.0);
 }
 
 }  // namespace bigkernels::cpu

@@ -19,4 +19,10 @@ void conv_winograd(const at::Tensor& input, const at::Tensor& weight, const at::
                    const at::Tensor& residual, at::IntArrayRef padding, const at::Tensor& output,
                    const at::Tensor& preactivation, Activation act, double negative_slope);
 
+// grad_input (fresh, NCHW-contiguous, the input's shape) of the 3x3 stride-1 convolution that
+// conv_winograd_supports accepted, from grad_z (NCHW-contiguous, the output's shape): itself a 3x3
+// stride-1 convolution of grad_z with the flipped, transposed weight and padding 2 - padding.
+void conv_winograd_input_grad(const at::Tensor& grad_z, const at::Tensor& weight, at::IntArrayRef padding,
+                              const at::Tensor& grad_input);
+
 }  // namespace bigkernels::cpu
