@@ -8,7 +8,8 @@
 //                       grad_gates [n,4H] out, grad_cx [n,H] out)
 // (all dense row-major), instantiated in csrc/cpu/lstm.cpp and csrc/cuda/lstm_binding.cpp.
 //
-// Forward: the input projection of ALL steps is one GEMM (biases folded in as its beta term);
+// Forward: the input projection of ALL steps is one GEMM (biases folded in as its beta term, or
+// added by the pointwise pass where the policy does that: pointwise_adds_bias);
 // each step adds h_{t-1} @ w_hh^T into its slice of that buffer (one GEMM) and runs one fused
 // pointwise pass that writes h (or, with a projection, o*tanh(c), then one more GEMM), c and the
 // activated gates straight into the outputs and workspace. Packed sequences shrink (or, reversed,
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "lstm_cell.h"
@@ -227,15 +229,6 @@ inline int64_t max_chunk_rows(const std::vector<ProjectionChunk>& chunks) {
   return rows;
 }
 
-// out[0 : chunk.rows] = x2d[chunk rows] @ w_ih^T (+ bias).
-inline void project_inputs(const at::Tensor& out, const at::Tensor& x2d, const at::Tensor& w_ih,
-                           const std::optional<at::Tensor>& bias, const ProjectionChunk& chunk) {
-  at::Tensor dst = out.narrow(0, 0, chunk.rows);
-  const at::Tensor x = x2d.narrow(0, chunk.row0, chunk.rows);
-  if (bias.has_value()) at::addmm_out(dst, *bias, x, w_ih.t());
-  else at::mm_out(dst, x, w_ih.t());
-}
-
 // grad_w_hh = sum over steps of dG_t^T @ h_{t-1}. Unpacked, the previous states are the output
 // shifted by one step (h0 for the first processed step): two GEMMs on views, no [rows, P] copy.
 // Packed sequences (rows carried over differ per step) gather the previous states first.
@@ -276,9 +269,24 @@ struct AtenStepGemm {
     if (backward) at::mm_out(out, a, w);
     else out.addmm_(a, w.t());
   }
+  // Built on w_ih: the input projection of a chunk, out = x @ w_ih^T (+ bias).
+  void project(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& bias) const {
+    at::Tensor dst = out;
+    if (bias.has_value()) at::addmm_out(dst, *bias, x, w.t());
+    else at::mm_out(dst, x, w.t());
+  }
   at::Tensor w;
   bool backward;
 };
+
+// Whether a Pointwise policy adds the biases itself (static constexpr bool kAddsBias = true, with
+// forward_with_bias(gates, b_ih, b_hh, cx, hy, cy, workspace)): the input projection then runs
+// without them, a plain GEMM. Otherwise the biases are the projection's beta term.
+template <class Pointwise, class = void>
+struct pointwise_adds_bias : std::false_type {};
+template <class Pointwise>
+struct pointwise_adds_bias<Pointwise, std::void_t<decltype(Pointwise::kAddsBias)>>
+    : std::bool_constant<Pointwise::kAddsBias> {};
 
 template <class Pointwise, class StepGemm = AtenStepGemm>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
@@ -294,8 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const bool proj = w_hr.has_value();
 
   const at::Tensor x2d = input.reshape({s.rows, s.input_size});
-  const std::optional<at::Tensor> bias =
-      b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  constexpr bool kBiasInPointwise = pointwise_adds_bias<Pointwise>::value;
+  const std::optional<at::Tensor> bias = b_ih.has_value() && !kBiasInPointwise
+                                             ? std::optional<at::Tensor>(*b_ih + *b_hh)
+                                             : std::nullopt;
   // Chunked on the CPU only: a GPU wants the one large GEMM (and has no page faults to save).
   const std::vector<ProjectionChunk> chunks =
       projection_chunks(sched, 4 * H * static_cast<int64_t>(input.element_size()),
@@ -313,11 +323,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor c_step = need_workspace ? at::Tensor() : at::empty({s.batch, H}, opts);
   at::Tensor r = proj ? at::empty({s.batch, H}, opts) : at::Tensor();
   const StepGemm recurrent_gemm(w_hh, s.batch, /*backward=*/false);
+  // The chunks' projections multiply against w_ih like the steps against w_hh (the CPU packs it
+  // once per call); every chunk but the last has max_chunk_rows rows.
+  const StepGemm input_gemm(w_ih, max_chunk_rows(chunks), /*backward=*/false);
 
   for (size_t k = 0; k < sched.order.size(); ++k) {
     const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
     if (chunk < chunks.size() && chunks[chunk].k0 == k) {
-      project_inputs(pre, x2d, w_ih, bias, chunks[chunk]);
+      const ProjectionChunk& c = chunks[chunk];
+      input_gemm.project(pre.narrow(0, 0, c.rows), x2d.narrow(0, c.row0, c.rows), bias);
       ++chunk;
     }
     if (n == 0) continue;
@@ -328,8 +342,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     at::Tensor out_t = output.narrow(0, off, n);
     at::Tensor c_new = need_workspace ? cells.narrow(0, off, n) : c_step.narrow(0, 0, n);
     at::Tensor h_new = proj ? r.narrow(0, 0, n) : out_t;
-    Pointwise::forward(g, c_prev, h_new, c_new,
-                       need_workspace ? gates.narrow(0, off, n) : at::Tensor());
+    const at::Tensor ws_t = need_workspace ? gates.narrow(0, off, n) : at::Tensor();
+    if constexpr (kBiasInPointwise) {
+      Pointwise::forward_with_bias(g, b_ih.value_or(at::Tensor()), b_hh.value_or(at::Tensor()),
+                                   c_prev, h_new, c_new, ws_t);
+    } else {
+      Pointwise::forward(g, c_prev, h_new, c_new, ws_t);
+    }
     if (proj) at::mm_out(out_t, h_new, w_hr->t());
     if (!need_workspace) c_run.narrow(0, 0, n).copy_(c_new);
   }

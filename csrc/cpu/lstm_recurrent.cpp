@@ -37,6 +37,7 @@
 
 #include "../common/lstm_layer.h"
 #include "fast_math.h"
+#include "lstm_step_gemm.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -650,11 +651,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const int64_t part_size = s.batch > kMaxRows ? s.batch * 4 * kUnits : 0;
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
+  // w_ih packed once for MKL (every chunk but the last has max_chunk_rows rows): see
+  // lstm_step_gemm.h for what that saves per chunk.
+  const PackedStepGemm input_gemm(w_ih, max_chunk_rows(chunks), /*backward=*/false);
 
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const ProjectionChunk& chunk = chunks[ci];
     const at::Tensor pre = need_workspace ? gates.narrow(0, chunk.row0, chunk.rows) : scratch;
-    project_inputs(pre, x2d, w_ih, std::nullopt, chunk);
+    input_gemm.project(pre.narrow(0, 0, chunk.rows), x2d.narrow(0, chunk.row0, chunk.rows),
+                       std::nullopt);
     const float* pre_p = pre.const_data_ptr<float>();
 #pragma omp parallel num_threads(nt)
     {
