@@ -870,14 +870,15 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
     }
   }
 
+  // The gradients that do not depend on time: one chunk of every row.
+  SequenceGradients grads(s, sched, input.reshape({s.rows, s.input_size}), w_ih, out2d, h_init,
+                          reverse, output_mask);
+  grads.add(grad_gates, ProjectionChunk{0, sched.order.size(), 0, s.rows});
   auto empty = [&] { return at::empty({0}, opts); };
-  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
-  at::Tensor grad_w_ih = empty(), grad_w_hh = empty();
-  if (output_mask[1]) {
-    grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
-    grad_w_hh = recurrent_weight_grad(grad_gates, out2d, h_init, sched, s, reverse);
-  }
-  at::Tensor grad_bias = output_mask[2] ? grad_gates.sum(0) : empty();
+  at::Tensor grad_input = output_mask[0] ? grads.grad_input.view(input.sizes()) : empty();
+  at::Tensor grad_w_ih = output_mask[1] ? grads.grad_w_ih : empty();
+  at::Tensor grad_w_hh = output_mask[1] ? grads.grad_w_hh : empty();
+  at::Tensor grad_bias = output_mask[2] ? grads.grad_bias : empty();
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, empty()};
 }
 
