@@ -86,6 +86,11 @@ constexpr int64_t kMaxFusedWhhBytes = 4 << 20;
 constexpr int64_t kMinSplitBatch = 8;
 constexpr int64_t kMaxForwardSplitWhhBytes = 1 << 20;
 constexpr int64_t kBackwardSplitRowsPerMiB = 16;
+// The backward's chunks of gate gradients (see SequenceGradients in lstm_layer.h). Measured
+// (T = 64, 2 threads, forward + backward ms at 4 / 8 / 16 MiB / one whole-sequence chunk): batch 64
+// hidden 128 13.2 / 12.8 / 12.4 / 12.4; batch 64 hidden 512 186 / 181 / 185 / 192; batch 256
+// hidden 128 73.6 / 71.7 / 81.4 / 81.6.
+constexpr int64_t kBackwardChunkBytes = 8 << 20;
 
 // 512-bit vectors in the baseline clone only warn about an ABI that never applies here: every
 // function passing them is inlined.
@@ -785,7 +790,15 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   const at::Tensor out2d = output.reshape({s.rows, P}).contiguous();
   const at::Tensor ws = gates.contiguous(), cs = cells.contiguous();
   const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
-  at::Tensor grad_gates = at::empty({s.rows, 4 * H}, opts);
+  // Gate gradients a chunk of steps at a time (SequenceGradients in lstm_layer.h), in two reused
+  // buffers taken in turn: a chunk's first step (in backward order) multiplies the gate gradients
+  // of the step after it, the last one written in the other buffer.
+  const std::vector<ProjectionChunk> chunks =
+      projection_chunks(sched, 4 * H * sizeof(float), kBackwardChunkBytes);
+  const int64_t chunk_rows = max_chunk_rows(chunks);
+  at::Tensor grad_gates = at::empty({std::min<int64_t>(2, chunks.size()) * chunk_rows, 4 * H}, opts);
+  SequenceGradients grads(s, sched, input.reshape({s.rows, s.input_size}), w_ih, out2d, h_init,
+                          reverse, output_mask);
   at::Tensor dh = grad_h_n.contiguous().clone(), dc = grad_c_n.contiguous().clone();
   const at::Tensor w = w_hh.contiguous();
   const int64_t panels = (P + kUnits - 1) / kUnits;
@@ -806,74 +819,87 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   const int64_t part_size = s.batch > kMaxRows ? s.batch * kBwdPanels * kUnits : 0;
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
-
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    // Panels split: thread tid computes columns [p0, p1) of dh for every row (and the pointwise
-    // backward of those units). Batch split: every column of rows [r0, r1).
-    const int64_t p0 = split_batch ? 0 : panels * tid / nth;
-    const int64_t p1 = split_batch ? panels : panels * (tid + 1) / nth;
-    const int64_t r0 = split_batch ? s.batch * tid / nth : 0;
-    const int64_t r1 = split_batch ? s.batch * (tid + 1) / nth : s.batch;
-    pack_backward_panels(w_p, wt_p, H, P, panels * tid / nth, panels * (tid + 1) / nth);
-    if (split_batch) {
-#pragma omp barrier
-    }
-    // k = -1 runs only the GEMM of the first processed step's gate gradients (-> grad_h0).
-    for (int64_t k = steps - 1; k >= -1; --k) {
-      BackwardStep st;
-      st.wt = wt_p;
-      if (k + 1 < steps) {
-        const int64_t tn = sched.order[k + 1];
-        st.n_next = sched.sizes[tn];
-        st.dg_next = dg_p + sched.offsets[tn] * 4 * H;
-      } else {
-        st.n_next = 0;
-        st.dg_next = nullptr;
-      }
-      st.dh = dh_p;
-      st.dc = dc_p;
-      st.part = parts_p + tid * part_size;
-      st.H = H;
-      st.P = P;
-      st.p0 = p0;
-      st.p1 = p1;
-      if (k >= 0) {
-        const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
-        st.n = n;
-        st.dout = dout_p + off * P;
-        if (k == 0) {
-          st.c_prev = {c0_p, 0, c0_p, H};
-        } else {
-          const int64_t tp = sched.order[k - 1];
-          st.c_prev = {cs_p + sched.offsets[tp] * H, std::min(n, sched.sizes[tp]), c0_p, H};
-        }
-        st.c_t = cs_p + off * H;
-        st.ws = ws_p + off * 4 * H;
-        st.dg = dg_p + off * 4 * H;
-      } else {
-        st.n = 0;
-        st.dout = nullptr;
-        st.c_prev = {nullptr, 0, nullptr, H};
-        st.c_t = nullptr;
-        st.ws = nullptr;
-        st.dg = nullptr;
-      }
-      st = st.rows(r0, r1);
-      if (st.n > 0 || st.n_next > 0) backward_step_f32(st);
-      // Panels split: the next iteration's GEMM reads every unit of this step's gate gradients.
-      // A batch split thread reads only its own rows.
-      if (k >= 0 && !split_batch) {
-#pragma omp barrier
-      }
+  // Where each processed step's gate gradients go: chunk ci in buffer ci % 2.
+  std::vector<float*> dg_of(steps);
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    for (size_t k = chunks[ci].k0; k < chunks[ci].k1; ++k) {
+      dg_of[k] = dg_p + ((ci % 2) * chunk_rows + sched.offsets[sched.order[k]] - chunks[ci].row0) * 4 * H;
     }
   }
 
-  // The gradients that do not depend on time: one chunk of every row.
-  SequenceGradients grads(s, sched, input.reshape({s.rows, s.input_size}), w_ih, out2d, h_init,
-                          reverse, output_mask);
-  grads.add(grad_gates, ProjectionChunk{0, sched.order.size(), 0, s.rows});
+  for (size_t ci = chunks.size(); ci-- > 0;) {
+    const ProjectionChunk& chunk = chunks[ci];
+    // The last chunk's region first packs w_hh; the first chunk's also runs k = -1: only the GEMM
+    // of the first processed step's gate gradients (-> grad_h0).
+    const int64_t k_hi = static_cast<int64_t>(chunk.k1) - 1;
+    const int64_t k_lo = ci == 0 ? -1 : static_cast<int64_t>(chunk.k0);
+#pragma omp parallel num_threads(nt)
+    {
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      // Panels split: thread tid computes columns [p0, p1) of dh for every row (and the pointwise
+      // backward of those units). Batch split: every column of rows [r0, r1).
+      const int64_t p0 = split_batch ? 0 : panels * tid / nth;
+      const int64_t p1 = split_batch ? panels : panels * (tid + 1) / nth;
+      const int64_t r0 = split_batch ? s.batch * tid / nth : 0;
+      const int64_t r1 = split_batch ? s.batch * (tid + 1) / nth : s.batch;
+      if (ci + 1 == chunks.size()) {
+        pack_backward_panels(w_p, wt_p, H, P, panels * tid / nth, panels * (tid + 1) / nth);
+        if (split_batch) {
+#pragma omp barrier
+        }
+      }
+      for (int64_t k = k_hi; k >= k_lo; --k) {
+        BackwardStep st;
+        st.wt = wt_p;
+        if (k + 1 < steps) {
+          const int64_t tn = sched.order[k + 1];
+          st.n_next = sched.sizes[tn];
+          st.dg_next = dg_of[k + 1];
+        } else {
+          st.n_next = 0;
+          st.dg_next = nullptr;
+        }
+        st.dh = dh_p;
+        st.dc = dc_p;
+        st.part = parts_p + tid * part_size;
+        st.H = H;
+        st.P = P;
+        st.p0 = p0;
+        st.p1 = p1;
+        if (k >= 0) {
+          const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+          st.n = n;
+          st.dout = dout_p + off * P;
+          if (k == 0) {
+            st.c_prev = {c0_p, 0, c0_p, H};
+          } else {
+            const int64_t tp = sched.order[k - 1];
+            st.c_prev = {cs_p + sched.offsets[tp] * H, std::min(n, sched.sizes[tp]), c0_p, H};
+          }
+          st.c_t = cs_p + off * H;
+          st.ws = ws_p + off * 4 * H;
+          st.dg = dg_of[k];
+        } else {
+          st.n = 0;
+          st.dout = nullptr;
+          st.c_prev = {nullptr, 0, nullptr, H};
+          st.c_t = nullptr;
+          st.ws = nullptr;
+          st.dg = nullptr;
+        }
+        st = st.rows(r0, r1);
+        if (st.n > 0 || st.n_next > 0) backward_step_f32(st);
+        // Panels split: the next iteration's GEMM reads every unit of this step's gate gradients.
+        // A batch split thread reads only its own rows.
+        if (k >= 0 && !split_batch) {
+#pragma omp barrier
+        }
+      }
+    }
+    // The chunk's gate gradients are final: its share of the time-independent gradients (MKL's
+    // threads, outside the region).
+    grads.add(grad_gates.narrow(0, (ci % 2) * chunk_rows, chunk.rows), chunk);
+  }
   auto empty = [&] { return at::empty({0}, opts); };
   at::Tensor grad_input = output_mask[0] ? grads.grad_input.view(input.sizes()) : empty();
   at::Tensor grad_w_ih = output_mask[1] ? grads.grad_w_ih : empty();
