@@ -236,7 +236,8 @@ inline int64_t max_chunk_rows(const std::vector<ProjectionChunk>& chunks) {
 // pointwise pass that first writes it pays its page faults; a chunk is reused, and still in cache
 // when its GEMMs read it. Measured on the CPU (T = 64, batch 256, hidden 512, fp32, 2 threads;
 // 128 MiB of gate gradients): the per-step pointwise passes took 61 ms of the 540 ms backward.
-// A GPU passes one chunk of all rows (the same GEMMs as one whole-sequence buffer).
+// A GPU, and dtypes other than float32, pass one chunk of all rows (the same GEMMs as one
+// whole-sequence buffer).
 struct SequenceGradients {
   SequenceGradients(const LstmSizes& s, const LstmSchedule& sched, const at::Tensor& x2d,
                     const at::Tensor& w_ih, const at::Tensor& out2d, const at::Tensor& h_init,
@@ -428,11 +429,13 @@ lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const at::Tensor out2d = output.reshape({s.rows, P}).contiguous();
   const at::Tensor ws = gates.contiguous(), cs = cells.contiguous();
   const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
-  // Gate gradients, a chunk of steps at a time (see SequenceGradients): on the CPU chunks of
-  // about kProjectionChunkBytes, elsewhere one chunk of every row.
+  // Gate gradients, a chunk of steps at a time (see SequenceGradients): in float32 on the CPU
+  // chunks of about kProjectionChunkBytes; elsewhere one chunk of every row (bfloat16 would round
+  // the weight gradients accumulated over the chunks once per chunk).
+  const bool chunked = input.is_cpu() && input.scalar_type() == at::kFloat;
   const std::vector<ProjectionChunk> chunks =
       projection_chunks(sched, 4 * H * static_cast<int64_t>(input.element_size()),
-                        input.is_cpu() ? kProjectionChunkBytes : INT64_MAX);
+                        chunked ? kProjectionChunkBytes : INT64_MAX);
   at::Tensor grad_gates = at::empty({max_chunk_rows(chunks), 4 * H}, opts);
   SequenceGradients grads(s, sched, input.reshape({s.rows, s.input_size}), w_ih, out2d, h_init,
                           reverse, output_mask);
