@@ -152,8 +152,8 @@ def test_projection_falls_back_to_generic_path(fused):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_batch_split_forward(packed, reverse, fused, poison_empty):
-    """From batch 16, at hidden 256 (w_hh of 1 MiB), the forward splits the batch (not the panels)
-    across the threads (kMinSplitBatch, kMinSplitHidden, kMaxSplitWhhBytes in lstm_recurrent.cpp):
+    """From batch 8, at hidden 256 (w_hh of 1 MiB), the forward splits the batch (not the panels)
+    across the threads, and from batch 16 the backward too (splits_batch in lstm_recurrent.cpp):
     packed sequences change the active rows per step, so each thread's share shrinks (or, reversed,
     grows) unevenly; batch 17 splits unevenly. With the workspace (then every gradient) and without it."""
     case, batch_sizes = make_case(6, 17, 5, 256, packed, True, seed=21)
@@ -166,3 +166,19 @@ def test_batch_split_forward(packed, reverse, fused, poison_empty):
     without = torch.ops.bigkernels.lstm(*args[:1], batch_sizes, *args[1:], None, reverse, False)
     for a, b in zip(without[:3], with_ws[:3]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("split", ["batch", "panels"])
+@pytest.mark.parametrize("seq, batch, hidden, packed", [(5, 3, 65, True), (4, 9, 33, False), (5, 17, 7, True)],
+                         ids=["T5xB3xH65-packed", "T4xB9xH33", "T5xB17xH7-packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_forced_split(split, seq, batch, hidden, packed, reverse, fused, monkeypatch, poison_empty):
+    """BIGKERNELS_LSTM_CPU_SPLIT forces either split of the work over the threads, forward and backward,
+    whatever the sizes say: batch rows (uneven shares, a thread with rows some steps do not run) or
+    panels (a panel split of 1-5 panels), every gradient."""
+    monkeypatch.setenv("BIGKERNELS_LSTM_CPU_SPLIT", split)
+    case, batch_sizes = make_case(seq, batch, 5, hidden, packed, True, seed=batch * 7 + hidden)
+    g = torch.Generator().manual_seed(5)
+    ref, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
+    upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]
+    assert_layer_matches(case, batch_sizes, reverse, upstream)

@@ -13,6 +13,14 @@ namespace bigkernels::cpu {
 namespace {
 
 struct CpuPointwise {
+  // The pass adds b_ih + b_hh itself (two loads per gate element), so that the input projection
+  // is a plain GEMM on MKL's packed w_ih (see PackedStepGemm::project) with no bias broadcast.
+  static constexpr bool kAddsBias = true;
+  static void forward_with_bias(const at::Tensor& gates, const at::Tensor& b_ih,
+                                const at::Tensor& b_hh, const at::Tensor& cx, const at::Tensor& hy,
+                                const at::Tensor& cy, const at::Tensor& workspace) {
+    lstm_pointwise_forward(gates, b_ih, b_hh, cx, hy, cy, workspace);
+  }
   static void forward(const at::Tensor& gates, const at::Tensor& cx, const at::Tensor& hy,
                       const at::Tensor& cy, const at::Tensor& workspace) {
     lstm_pointwise_forward(gates, at::Tensor(), at::Tensor(), cx, hy, cy, workspace);

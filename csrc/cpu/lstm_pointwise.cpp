@@ -44,6 +44,16 @@ const storage_t<scalar_t>* raw(const scalar_t* p) {
 // Elements per parallel task: below this, waking threads costs more than it saves.
 constexpr int64_t kPointwiseGrain = 16384;
 
+// The activations: division-free for float (sigmoid_newton, tanh_newton: a 512-bit vdivps has a
+// throughput of one per ~10 cycles on Sapphire Rapids' one divider port, and the forward divides
+// five times per unit), libm for double.
+// Measured on the generic layer path (T = 64, hidden 1024, 2 threads, fp32 inference): the
+// pointwise passes took 42 ms of a 760 ms call at batch 256 with sigmoid_fast/tanh_fast.
+BK_ALWAYS_INLINE float sigmoid_act(float x) { return sigmoid_newton(x); }
+BK_ALWAYS_INLINE float tanh_act(float x) { return tanh_newton(x); }
+BK_ALWAYS_INLINE double sigmoid_act(double x) { return sigmoid_fast(x); }
+BK_ALWAYS_INLINE double tanh_act(double x) { return tanh_fast(x); }
+
 template <bool kHasBias, bool kWriteWorkspace, typename T>
 BK_ALWAYS_INLINE void forward_segment(const T* __restrict__ gates, const T* __restrict__ b_ih,
                                       const T* __restrict__ b_hh, const T* __restrict__ cx,
@@ -61,10 +71,10 @@ BK_ALWAYS_INLINE void forward_segment(const T* __restrict__ gates, const T* __re
       pg += load_acc(b_ih[2 * H + j]) + load_acc(b_hh[2 * H + j]);
       po += load_acc(b_ih[3 * H + j]) + load_acc(b_hh[3 * H + j]);
     }
-    const A i = sigmoid_fast(pi), f = sigmoid_fast(pf), g = tanh_fast(pg), o = sigmoid_fast(po);
+    const A i = sigmoid_act(pi), f = sigmoid_act(pf), g = tanh_act(pg), o = sigmoid_act(po);
     const A c = f * load_acc(cx[j]) + i * g;
     cy[j] = store_as<T>(c);
-    hy[j] = store_as<T>(o * tanh_fast(c));
+    hy[j] = store_as<T>(o * tanh_act(c));
     if constexpr (kWriteWorkspace) {
       workspace[j] = store_as<T>(i);
       workspace[H + j] = store_as<T>(f);
@@ -97,7 +107,7 @@ BK_ALWAYS_INLINE void backward_segment(const T* __restrict__ grad_hy, const T* _
   for (int64_t j = j0; j < j1; ++j) {
     const A i = load_acc(workspace[j]), f = load_acc(workspace[H + j]), g = load_acc(workspace[2 * H + j]),
             o = load_acc(workspace[3 * H + j]);
-    const A tc = tanh_fast(load_acc(cy[j]));
+    const A tc = tanh_act(load_acc(cy[j]));
     const A dh = load_acc(grad_hy[j]);
     const A dc = load_acc(grad_cy[j]) + dh * o * (A(1) - tc * tc);
     const A di = dc * g * i * (A(1) - i);

@@ -11,9 +11,9 @@
 //    on dh_t's tile the same way.
 //  - One OpenMP parallel region for the whole sequence; each thread owns a contiguous range of
 //    panels (it packs them itself, so they start in its own cache) and the threads meet at one
-//    barrier per step (step t + 1 reads all of step t's h, or dG in the backward). Where all of
-//    w_hh fits half an L2 and the batch is large enough (kMinSplitBatch...), the forward instead
-//    gives each thread a fixed share of the batch rows through every panel: no barrier per step.
+//    barrier per step (step t + 1 reads all of step t's h, or dG in the backward). Where the batch
+//    is large enough for the size of w_hh (kMinSplitBatch...), each thread instead runs a fixed
+//    share of the batch rows through every panel, forward and backward: no barrier per step.
 //  - The micro-kernels use GCC vector types (one 512-bit vector of kUnits floats per gate), so the
 //    register tile is explicit; the epilogues are plain loops that GCC vectorises, with fast_math.h's
 //    exp and division-free reciprocals (sigmoid_newton, tanh_newton); on AVX-512 CPUs the forward
@@ -37,6 +37,7 @@
 
 #include "../common/lstm_layer.h"
 #include "fast_math.h"
+#include "lstm_step_gemm.h"
 
 namespace bigkernels::cpu {
 namespace {
@@ -67,17 +68,29 @@ constexpr int64_t kKBlock = 128;
 constexpr int64_t kMaxFusedBatch = 64;
 constexpr int64_t kMaxHiddenAnyBatch = 128;
 constexpr int64_t kMaxFusedWhhBytes = 4 << 20;
-// The forward splits the batch rather than the panels across the threads from these sizes on: each
-// thread then runs its own rows through every panel and the threads never wait for each other
-// (no barrier per step, no h rows crossing cores), at the price of every core reading all of w_hh.
-// So only while all of w_hh fits in half a core's 2 MiB L2. Measured (T = 64, 2 threads, fused
-// forward, batch split vs panels split): batch 16 / hidden 256 3.67 vs 3.83 ms; batch 64 / hidden
-// 256 even (13.4 vs 13.3 ms); hidden 128 batch 64 slower (4.74 vs 4.58 ms), batch 8 even; hidden
-// 512 (4 MiB of w_hh streamed by each core) 0.89x of stock at batch 16 in the full grid, against
-// 1.1x with the panels split.
-constexpr int64_t kMinSplitBatch = 16;
-constexpr int64_t kMinSplitHidden = 256;
-constexpr int64_t kMaxSplitWhhBytes = 1 << 20;
+// Batch split: each thread runs its own share of the batch rows through every panel, forward and
+// backward, so the threads never wait for each other (no barrier per step, no h or dG rows
+// crossing cores), at the price of every core reading all of w_hh each step. Panels split: each
+// thread multiplies its own half of w_hh for every row, and the threads meet at a barrier per step.
+// Measured (T = 64, 2 threads, interleaved with stock; batch split vs panels split, ms):
+//  forward, from batch 8 while w_hh fits half an L2 (hidden <= 256): hidden 128 batch 8 0.65 vs
+//    0.72, batch 16 1.19 vs 1.34, batch 64 3.73 vs 3.97, batch 256 14.7 vs 15.7 (batch 4 0.53 vs
+//    0.49); hidden 256 batch 8 2.05 vs 2.10, batch 16 3.67 vs 3.83. Hidden 512 (4 MiB of w_hh
+//    streamed by each core) slower: batch 32 29.8 vs 26.7, batch 64 54.1 vs 50.8.
+//  backward (forward + backward times), where a thread's rows per step are enough to pay for
+//    streaming all of w_hh: hidden 128 batch 8 2.24 vs 2.35, batch 64 13.5 vs 14.8-15.3, batch 256
+//    76.5 vs 84.0; hidden 256 batch 8 6.60 vs 6.24 (slower), batch 16 11.35 vs 11.64; hidden 512
+//    batch 8 28.6 vs 25.6 and batch 16 46.1 vs 45.0 (slower), batch 32 even, batch 64 186-190 vs
+//    199-206. Hence a batch of at least max(8, 16 per MiB of w_hh).
+// BIGKERNELS_LSTM_CPU_SPLIT=batch|panels overrides both choices (tests).
+constexpr int64_t kMinSplitBatch = 8;
+constexpr int64_t kMaxForwardSplitWhhBytes = 1 << 20;
+constexpr int64_t kBackwardSplitRowsPerMiB = 16;
+// The backward's chunks of gate gradients (see SequenceGradients in lstm_layer.h). Measured
+// (T = 64, 2 threads, forward + backward ms at 4 / 8 / 16 MiB / one whole-sequence chunk): batch 64
+// hidden 128 13.2 / 12.8 / 12.4 / 12.4; batch 64 hidden 512 186 / 181 / 185 / 192; batch 256
+// hidden 128 73.6 / 71.7 / 81.4 / 81.6.
+constexpr int64_t kBackwardChunkBytes = 8 << 20;
 
 // 512-bit vectors in the baseline clone only warn about an ABI that never applies here: every
 // function passing them is inlined.
@@ -401,6 +414,25 @@ struct BackwardStep {
   float* dg;             // [n, 4H] out
   float* part;           // this thread's partial sums, [n_next][kBwdPanels][kUnits]
   int64_t n, H, P, p0, p1;
+
+  // The same step restricted to batch rows [r0, r1) (a thread's share), numbered from r0.
+  BackwardStep rows(int64_t r0, int64_t r1) const {
+    BackwardStep b = *this;
+    b.n = std::max<int64_t>(0, std::min(n, r1) - r0);
+    b.n_next = std::max<int64_t>(0, std::min(n_next, r1) - r0);
+    const int64_t K = 4 * H;
+    if (b.n_next > 0) b.dg_next = dg_next + r0 * K;
+    b.dh = dh + r0 * P;
+    b.dc = dc + r0 * H;
+    if (b.n > 0) {
+      b.dout = dout + r0 * P;
+      b.c_prev = c_prev.from_row(r0);
+      b.c_t = c_t + r0 * H;
+      b.ws = ws + r0 * K;
+      b.dg = dg + r0 * K;
+    }
+    return b;
+  }
 };
 
 // dh[b0 .. b0+R-1][panels q0 .. q0+NP-1] = dg_next rows @ w_hh over those columns, K range
@@ -584,6 +616,19 @@ int threads_for(int64_t units) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units)));
 }
 
+// Whether a call gives each thread a share of the batch rather than of the panels (see
+// kMinSplitBatch).
+bool splits_batch(int64_t batch, int64_t H, int64_t P, bool backward) {
+  if (const char* split = std::getenv("BIGKERNELS_LSTM_CPU_SPLIT")) {
+    if (std::strcmp(split, "batch") == 0) return true;
+    if (std::strcmp(split, "panels") == 0) return false;
+  }
+  const int64_t whh_bytes = 4 * H * P * static_cast<int64_t>(sizeof(float));
+  if (batch < kMinSplitBatch) return false;
+  if (!backward) return whh_bytes <= kMaxForwardSplitWhhBytes;
+  return batch * (1 << 20) >= kBackwardSplitRowsPerMiB * whh_bytes;
+}
+
 }  // namespace
 
 bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
@@ -643,18 +688,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   float* cells_p = need_workspace ? cells.mutable_data_ptr<float>() : c_run.mutable_data_ptr<float>();
   const float* h0_p = h_init.const_data_ptr<float>();
   const float* c0_p = c_init.const_data_ptr<float>();
-  const bool split_batch = s.batch >= kMinSplitBatch && H >= kMinSplitHidden &&
-                           4 * H * P * static_cast<int64_t>(sizeof(float)) <= kMaxSplitWhhBytes;
+  const bool split_batch = splits_batch(s.batch, H, P, /*backward=*/false);
   const bool avx512 = cpu_has_avx512();
   const int nt = split_batch ? threads_for(s.batch) : threads_for(panels);
   const int64_t part_size = s.batch > kMaxRows ? s.batch * 4 * kUnits : 0;
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
+  // w_ih packed once for MKL (every chunk but the last has max_chunk_rows rows): see
+  // lstm_step_gemm.h for what that saves per chunk.
+  const PackedStepGemm input_gemm(w_ih, max_chunk_rows(chunks), /*backward=*/false);
 
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const ProjectionChunk& chunk = chunks[ci];
     const at::Tensor pre = need_workspace ? gates.narrow(0, chunk.row0, chunk.rows) : scratch;
-    project_inputs(pre, x2d, w_ih, std::nullopt, chunk);
+    input_gemm.project(pre.narrow(0, 0, chunk.rows), x2d.narrow(0, chunk.row0, chunk.rows),
+                       std::nullopt);
     const float* pre_p = pre.const_data_ptr<float>();
 #pragma omp parallel num_threads(nt)
     {
@@ -742,7 +790,15 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   const at::Tensor out2d = output.reshape({s.rows, P}).contiguous();
   const at::Tensor ws = gates.contiguous(), cs = cells.contiguous();
   const at::Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
-  at::Tensor grad_gates = at::empty({s.rows, 4 * H}, opts);
+  // Gate gradients a chunk of steps at a time (SequenceGradients in lstm_layer.h), in two reused
+  // buffers taken in turn: a chunk's first step (in backward order) multiplies the gate gradients
+  // of the step after it, the last one written in the other buffer.
+  const std::vector<ProjectionChunk> chunks =
+      projection_chunks(sched, 4 * H * sizeof(float), kBackwardChunkBytes);
+  const int64_t chunk_rows = max_chunk_rows(chunks);
+  at::Tensor grad_gates = at::empty({std::min<int64_t>(2, chunks.size()) * chunk_rows, 4 * H}, opts);
+  SequenceGradients grads(s, sched, input.reshape({s.rows, s.input_size}), w_ih, out2d, h_init,
+                          reverse, output_mask);
   at::Tensor dh = grad_h_n.contiguous().clone(), dc = grad_c_n.contiguous().clone();
   const at::Tensor w = w_hh.contiguous();
   const int64_t panels = (P + kUnits - 1) / kUnits;
@@ -757,73 +813,98 @@ lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   float* dg_p = grad_gates.mutable_data_ptr<float>();
   float* dh_p = dh.mutable_data_ptr<float>();
   float* dc_p = dc.mutable_data_ptr<float>();
-  const int nt = threads_for(panels);
+  const bool split_batch = splits_batch(s.batch, H, P, /*backward=*/true);
+  const int nt = split_batch ? threads_for(s.batch) : threads_for(panels);
   const int64_t steps = static_cast<int64_t>(sched.order.size());
   const int64_t part_size = s.batch > kMaxRows ? s.batch * kBwdPanels * kUnits : 0;
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
-
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
-    pack_backward_panels(w_p, wt_p, H, P, p0, p1);
-    // k = -1 runs only the GEMM of the first processed step's gate gradients (-> grad_h0).
-    for (int64_t k = steps - 1; k >= -1; --k) {
-      BackwardStep st;
-      st.wt = wt_p;
-      if (k + 1 < steps) {
-        const int64_t tn = sched.order[k + 1];
-        st.n_next = sched.sizes[tn];
-        st.dg_next = dg_p + sched.offsets[tn] * 4 * H;
-      } else {
-        st.n_next = 0;
-        st.dg_next = nullptr;
-      }
-      st.dh = dh_p;
-      st.dc = dc_p;
-      st.part = parts_p + tid * part_size;
-      st.H = H;
-      st.P = P;
-      st.p0 = p0;
-      st.p1 = p1;
-      if (k >= 0) {
-        const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
-        st.n = n;
-        st.dout = dout_p + off * P;
-        if (k == 0) {
-          st.c_prev = {c0_p, 0, c0_p, H};
-        } else {
-          const int64_t tp = sched.order[k - 1];
-          st.c_prev = {cs_p + sched.offsets[tp] * H, std::min(n, sched.sizes[tp]), c0_p, H};
-        }
-        st.c_t = cs_p + off * H;
-        st.ws = ws_p + off * 4 * H;
-        st.dg = dg_p + off * 4 * H;
-      } else {
-        st.n = 0;
-        st.dout = nullptr;
-        st.c_prev = {nullptr, 0, nullptr, H};
-        st.c_t = nullptr;
-        st.ws = nullptr;
-        st.dg = nullptr;
-      }
-      if (st.n > 0 || st.n_next > 0) backward_step_f32(st);
-      // The next iteration's GEMM reads every unit of this step's gate gradients.
-      if (k >= 0) {
-#pragma omp barrier
-      }
+  // Where each processed step's gate gradients go: chunk ci in buffer ci % 2.
+  std::vector<float*> dg_of(steps);
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    for (size_t k = chunks[ci].k0; k < chunks[ci].k1; ++k) {
+      dg_of[k] = dg_p + ((ci % 2) * chunk_rows + sched.offsets[sched.order[k]] - chunks[ci].row0) * 4 * H;
     }
   }
 
-  auto empty = [&] { return at::empty({0}, opts); };
-  at::Tensor grad_input = output_mask[0] ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
-  at::Tensor grad_w_ih = empty(), grad_w_hh = empty();
-  if (output_mask[1]) {
-    grad_w_ih = at::mm(grad_gates.t(), input.reshape({s.rows, s.input_size}));
-    grad_w_hh = recurrent_weight_grad(grad_gates, out2d, h_init, sched, s, reverse);
+  for (size_t ci = chunks.size(); ci-- > 0;) {
+    const ProjectionChunk& chunk = chunks[ci];
+    // The last chunk's region first packs w_hh; the first chunk's also runs k = -1: only the GEMM
+    // of the first processed step's gate gradients (-> grad_h0).
+    const int64_t k_hi = static_cast<int64_t>(chunk.k1) - 1;
+    const int64_t k_lo = ci == 0 ? -1 : static_cast<int64_t>(chunk.k0);
+#pragma omp parallel num_threads(nt)
+    {
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      // Panels split: thread tid computes columns [p0, p1) of dh for every row (and the pointwise
+      // backward of those units). Batch split: every column of rows [r0, r1).
+      const int64_t p0 = split_batch ? 0 : panels * tid / nth;
+      const int64_t p1 = split_batch ? panels : panels * (tid + 1) / nth;
+      const int64_t r0 = split_batch ? s.batch * tid / nth : 0;
+      const int64_t r1 = split_batch ? s.batch * (tid + 1) / nth : s.batch;
+      if (ci + 1 == chunks.size()) {
+        pack_backward_panels(w_p, wt_p, H, P, panels * tid / nth, panels * (tid + 1) / nth);
+        if (split_batch) {
+#pragma omp barrier
+        }
+      }
+      for (int64_t k = k_hi; k >= k_lo; --k) {
+        BackwardStep st;
+        st.wt = wt_p;
+        if (k + 1 < steps) {
+          const int64_t tn = sched.order[k + 1];
+          st.n_next = sched.sizes[tn];
+          st.dg_next = dg_of[k + 1];
+        } else {
+          st.n_next = 0;
+          st.dg_next = nullptr;
+        }
+        st.dh = dh_p;
+        st.dc = dc_p;
+        st.part = parts_p + tid * part_size;
+        st.H = H;
+        st.P = P;
+        st.p0 = p0;
+        st.p1 = p1;
+        if (k >= 0) {
+          const int64_t t = sched.order[k], n = sched.sizes[t], off = sched.offsets[t];
+          st.n = n;
+          st.dout = dout_p + off * P;
+          if (k == 0) {
+            st.c_prev = {c0_p, 0, c0_p, H};
+          } else {
+            const int64_t tp = sched.order[k - 1];
+            st.c_prev = {cs_p + sched.offsets[tp] * H, std::min(n, sched.sizes[tp]), c0_p, H};
+          }
+          st.c_t = cs_p + off * H;
+          st.ws = ws_p + off * 4 * H;
+          st.dg = dg_of[k];
+        } else {
+          st.n = 0;
+          st.dout = nullptr;
+          st.c_prev = {nullptr, 0, nullptr, H};
+          st.c_t = nullptr;
+          st.ws = nullptr;
+          st.dg = nullptr;
+        }
+        st = st.rows(r0, r1);
+        if (st.n > 0 || st.n_next > 0) backward_step_f32(st);
+        // Panels split: the next iteration's GEMM reads every unit of this step's gate gradients.
+        // A batch split thread reads only its own rows.
+        if (k >= 0 && !split_batch) {
+#pragma omp barrier
+        }
+      }
+    }
+    // The chunk's gate gradients are final: its share of the time-independent gradients (MKL's
+    // threads, outside the region).
+    grads.add(grad_gates.narrow(0, (ci % 2) * chunk_rows, chunk.rows), chunk);
   }
-  at::Tensor grad_bias = output_mask[2] ? grad_gates.sum(0) : empty();
+  auto empty = [&] { return at::empty({0}, opts); };
+  at::Tensor grad_input = output_mask[0] ? grads.grad_input.view(input.sizes()) : empty();
+  at::Tensor grad_w_ih = output_mask[1] ? grads.grad_w_ih : empty();
+  at::Tensor grad_w_hh = output_mask[1] ? grads.grad_w_hh : empty();
+  at::Tensor grad_bias = output_mask[2] ? grads.grad_bias : empty();
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, empty()};
 }
 
