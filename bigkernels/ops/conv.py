@@ -357,14 +357,24 @@ def _autocast(device_type: str, tensors: tuple[Optional[Tensor], ...]) -> tuple[
 
 
 # ------------------------------------------------------------------------------- CPU fast path
-# The ops looked up once, called without OpOverload.__call__'s Python frame: a torch.ops attribute
-# chain and that frame cost ~1 us per call, a visible share of a small layer.
-def _raw(overload):
-    return getattr(overload, "_op", overload)
+# The eager entries into the C++ ops: bigkernels._C._conv / _conv_depthwise parse their arguments
+# like torch's own conv2d binding and call the op's typed handle (autograd included); calling
+# through torch.ops cost ~6 us more per call (csrc/autograd/conv_call.cpp says where measured).
+# They return None for tensors with __torch_function__: those calls go through torch.ops.
+def _entry(name: str, op_name: str) -> Optional[Callable[..., Optional[Tensor]]]:
+    if not _extension.AVAILABLE:
+        return None
+    import bigkernels._C as compiled
+
+    direct = getattr(compiled, name, None)
+    if direct is None:  # an extension built before the entries existed: same contract via torch.ops
+        overload = getattr(torch.ops.bigkernels, op_name).default
+        return lambda *args: overload(*args)[0]
+    return direct
 
 
-_CPU_CONV = _raw(torch.ops.bigkernels.conv.default) if _extension.AVAILABLE else None
-_CPU_CONV_DEPTHWISE = _raw(torch.ops.bigkernels.conv_depthwise.default) if _extension.AVAILABLE else None
+_CPU_CONV = _entry("_conv", "conv")
+_CPU_CONV_DEPTHWISE = _entry("_conv_depthwise", "conv_depthwise")
 
 
 def conv2d_normalized(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -399,10 +409,19 @@ def _run_cpu(input, weight, bias, residual, stride, padding, dilation, groups, a
         if groups != 1 and _is_depthwise(input, weight, groups) and (
                 need_preactivation or output_memory_format(input) != torch.channels_last
                 or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL):
-            return _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation,
-                                       negative_slope, need_preactivation)[0]
-        return _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation,
-                         negative_slope, need_preactivation)[0]
+            out = _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation,
+                                      negative_slope, need_preactivation)
+            if out is None:  # __torch_function__ somewhere: torch.ops honours it
+                out = torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding,
+                                                                  dilation, activation, negative_slope,
+                                                                  need_preactivation)[0]
+            return out
+        out = _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                        need_preactivation)
+        if out is None:
+            out = torch.ops.bigkernels.conv.default(input, weight, bias, residual, stride, padding, dilation, groups,
+                                                    activation, negative_slope, need_preactivation)[0]
+        return out
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
         # Raises the precise error when the arguments are at fault (weight/bias of a wrong type
         # fail above with an AttributeError or IndexError first).
