@@ -131,9 +131,22 @@ TORCH_LIBRARY(bigkernels, m) {
   // ---- end conv_depthwise ----
 }
 
-// `import bigkernels._C` loads this library, which runs the registrations above. No Python API
-// is exported: everything is reached through torch.ops.bigkernels.
+// `import bigkernels._C` loads this library, which runs the registrations above. Everything is
+// reached through torch.ops.bigkernels, except the conv fast-path entries added below.
+// ---- conv: direct Python entry points (csrc/autograd/conv_call.cpp) ----
+namespace bigkernels::python {
+extern PyMethodDef conv_python_methods[];
+}  // namespace bigkernels::python
+// ---- end conv ----
+
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // ---- conv ----
+  if (module != nullptr && PyModule_AddFunctions(module, bigkernels::python::conv_python_methods) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  // ---- end conv ----
+  return module;
 }

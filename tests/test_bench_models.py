@@ -28,7 +28,8 @@ def test_registered_with_their_own_bench_objects():
     assert registry.get_op("e2e_lstm") is models.LSTM_BENCH
     assert registry.get_op("e2e_transformer") is models.TRANSFORMER_BENCH
     quick = registry.select_cases(list(OPS), device="cpu")
-    assert len(quick) == 3 * 2 and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
+    # One quick shape per model, two for the CNN (the tiny SmallCNN and SmallResNet), two modes.
+    assert len(quick) == 4 * 2 and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
     full = registry.select_cases(list(OPS), device="cpu", full=True)
     assert {c.id for c in quick} < {c.id for c in full}
     assert {c.dtype for c in registry.select_cases(list(OPS), device="cuda")} == {torch.bfloat16}
@@ -74,3 +75,21 @@ def test_tiny_run_through_the_harness(op, mode):
         assert row.status == "ok", row.error
         assert row.max_abs_err < 1e-4 and row.peak_mem_mib is not None and row.median_ms > 0
     assert rows[1].speedup_vs_torch == 1.0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_tiny_resnet_case_runs_and_is_swapped(mode):
+    """e2e_cnn R=1 (SmallResNet): every conv → BN [→ ReLU] run of its branches becomes a
+    Conv2dBNAct, and the case runs through the harness within the reference tolerance."""
+    shape = {"B": 2, "C": 4, "S": 9, "R": 1}
+    case = Case("e2e_cnn", shape, torch.float32, mode, "cpu")
+    inputs = models.make_inputs(case)
+    optimized = models._optimized(models._built(case, inputs, torch.float32))
+    fused = [m for m in optimized.modules() if isinstance(m, bigkernels.nn.Conv2dBNAct)]
+    assert len(fused) == 6  # stem, 2 + 2 branch convs, the projection shortcut
+    rows, skipped = runner.run_case(case, False, TINY, {"device_name": "test"})
+    assert skipped == {}
+    for row in rows:
+        assert row.status == "ok", row.error
+        assert row.max_abs_err < 1e-4
+    assert models.forward_flops("e2e_cnn", shape) > 0

@@ -270,3 +270,55 @@ def test_compile_fullgraph_module():
         (ge,) = torch.autograd.grad(loss_e, [x])
     torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gc, ge, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_call_arguments_follow_attribute_changes():
+    """The module caches its normalised stride/padding/dilation; assigning new ones is seen."""
+    torch.manual_seed(1)
+    ours = Conv2d(3, 5, 3, padding=1, activation="relu", dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    assert ours(x).shape == (2, 5, 9, 7)
+    ours.padding, ours.stride = (0, 2), (2, 1)
+    expected = torch.relu(F.conv2d(x, ours.weight, ours.bias, (2, 1), (0, 2)))
+    torch.testing.assert_close(ours(x), expected)
+    ours.padding_mode, ours._reversed_padding_repeated_twice = "reflect", [2, 2, 0, 0]
+    expected = torch.relu(F.conv2d(F.pad(x, [2, 2, 0, 0], mode="reflect"), ours.weight, ours.bias, (2, 1)))
+    torch.testing.assert_close(ours(x), expected)
+
+
+class _TracedTensor(torch.Tensor):
+    """A subclass whose __torch_function__ records the functions it sees."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_cpu_fast_path_honours_torch_function(activation):
+    """The eager CPU entry (bigkernels._C._conv) hands tensors with __torch_function__ to torch.ops /
+    torch's conv2d, which honour it; results are unchanged."""
+    torch.manual_seed(2)
+    ours = Conv2d(4, 4, 3, padding=1, activation=activation)
+    x = torch.randn(2, 4, 6, 6)
+    _TracedTensor.seen = []
+    y = ours(x.as_subclass(_TracedTensor))
+    assert any("conv" in str(f) for f in _TracedTensor.seen), f"__torch_function__ was bypassed: {_TracedTensor.seen}"
+    expected = reference.activation(F.conv2d(x, ours.weight, ours.bias, 1, 1), activation or "none")
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), expected)
+
+
+def test_cpu_fast_path_bad_input_errors():
+    """Bad input through the cached module path raises the precise errors of conv2d."""
+    for activation in (None, "relu"):
+        ours = Conv2d(3, 4, 3, activation=activation)
+        with pytest.raises(ValueError, match="channel mismatch"):
+            ours(torch.randn(1, 5, 8, 8))
+        with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+            ours([[1.0]])
+        with pytest.raises(ValueError, match="residual must have the output's shape"):
+            ours(torch.randn(1, 3, 8, 8), torch.randn(1, 4, 8, 8))
+        with pytest.raises(ValueError, match="smaller than the kernel"):
+            ours(torch.randn(1, 3, 2, 8))

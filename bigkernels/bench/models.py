@@ -3,8 +3,12 @@ and the gradients of every parameter) of three small models written with stock l
 same models after bigkernels.optimize. Reported like every op: speedup vs the stock model (provider
 "torch") and peak memory.
 
-  e2e_cnn          conv 3×3 → BN → ReLU ×2, max-pool, conv 3×3 → ReLU, global pool, linear
-                   shape: B batch, C channels, S image side (S×S, 3 input channels), 10 classes
+  e2e_cnn          R=0: SmallCNN, conv 3×3 → BN → ReLU ×2, max-pool, conv 3×3 → ReLU, global pool,
+                   linear (tiny layers: it measures per-call overhead);
+                   R=1: SmallResNet, a ResNet-style stem conv 3×3 → BN → ReLU, a basic block at C
+                   channels (S×S), a strided basic block to 2C channels (S/2×S/2, 1×1 strided
+                   projection shortcut), global pool, linear (layers of realistic size)
+                   shape: B batch, C channels, S image side (S×S, 3 input channels), R model, 10 classes
   e2e_lstm         embedding → 2-layer LSTM (batch_first) → linear on the last step
                    shape: B batch, T sequence length, H hidden size (= embedding size), 16 classes
   e2e_transformer  embedding → 2 nn.TransformerEncoderLayer (batch_first, 4 heads, FFN 4D) → linear
@@ -12,8 +16,10 @@ same models after bigkernels.optimize. Reported like every op: speedup vs the st
 
 Both providers hold the same weights (a seeded stock model's state_dict, kept in the inputs). The
 float64 reference is the stock model in float64. The models are built fresh per case. What
-bigkernels.optimize swaps (bigkernels/train/swap.py): in the CNN both Conv2d → BatchNorm2d → ReLU
+bigkernels.optimize swaps (bigkernels/train/swap.py): in SmallCNN both Conv2d → BatchNorm2d → ReLU
 runs (bigkernels.nn.Conv2dBNAct) and the Conv2d → ReLU (bigkernels.nn.Conv2d(activation="relu"));
+in SmallResNet every Conv2d → BatchNorm2d [→ ReLU] run of its nn.Sequential branches (Conv2dBNAct;
+the add of the shortcut and the block's final ReLU stay stock);
 in the LSTM classifier the nn.LSTM; in the encoder each layer's nn.MultiheadAttention (which the
 stock layer calls with need_weights=False, the fused path; in eval mode under no_grad the stock
 layer takes torch's own fused fast path instead, around self_attn, for both providers alike).
@@ -34,10 +40,15 @@ WEIGHT_PREFIX = "w:"  # inputs holding the models' state_dict entries
 # Quick CPU: one small shape per model, each step a few ms on an idle 2-core CPU, so that the six
 # quick cases (two modes) stay within ~25 s with the runner's warm-up, checks and timing; full and
 # GPU: larger ones.
+# e2e_cnn: R=0 SmallCNN (tiny: the per-call overhead), R=1 SmallResNet (realistic layers; the quick
+# shape is a few seconds of the quick suite: ~0.1 s per training step on the 2-core CPU).
 SHAPES = {
-    "e2e_cnn": {"quick_cpu": [{"B": 8, "C": 8, "S": 16}],
-                "full_cpu": [{"B": 8, "C": 8, "S": 16}, {"B": 16, "C": 16, "S": 32}, {"B": 64, "C": 32, "S": 32}],
-                "gpu": [{"B": 64, "C": 64, "S": 64}, {"B": 256, "C": 64, "S": 64}]},
+    "e2e_cnn": {"quick_cpu": [{"B": 8, "C": 8, "S": 16, "R": 0}, {"B": 8, "C": 64, "S": 32, "R": 1}],
+                "full_cpu": [{"B": 8, "C": 8, "S": 16, "R": 0}, {"B": 16, "C": 16, "S": 32, "R": 0},
+                             {"B": 64, "C": 32, "S": 32, "R": 0}, {"B": 8, "C": 64, "S": 32, "R": 1},
+                             {"B": 8, "C": 64, "S": 56, "R": 1}],
+                "gpu": [{"B": 64, "C": 64, "S": 64, "R": 0}, {"B": 256, "C": 64, "S": 64, "R": 0},
+                        {"B": 64, "C": 64, "S": 56, "R": 1}]},
     "e2e_lstm": {"quick_cpu": [{"B": 8, "T": 16, "H": 64}],
                  "full_cpu": [{"B": 8, "T": 16, "H": 64}, {"B": 16, "T": 32, "H": 128}, {"B": 64, "T": 64, "H": 256}],
                  "gpu": [{"B": 64, "T": 128, "H": 512}, {"B": 256, "T": 256, "H": 1024}]},
@@ -62,6 +73,40 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: relu(branch(x) + shortcut(x)), branch = conv 3×3 → BN → ReLU → conv 3×3
+    → BN (the first conv strided when the block downsamples), shortcut = identity or a strided 1×1
+    conv → BN projection. Written with nn.Sequential branches, as many models are."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
+            nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.branch(x) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """Stem conv 3×3 → BN → ReLU at C channels, a basic block at C, a strided basic block to 2C (half
+    the side), global average pool, linear."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        c = channels
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(c, c, 1), BasicBlock(c, 2 * c, 2))
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
 class LSTMClassifier(nn.Module):
@@ -91,7 +136,7 @@ class EncoderClassifier(nn.Module):
 def stock_model(case: Case) -> nn.Module:
     s, classes = case.shape, CLASSES[case.op]
     if case.op == "e2e_cnn":
-        return SmallCNN(s["C"], classes)
+        return SmallResNet(s["C"], classes) if s.get("R", 0) == 1 else SmallCNN(s["C"], classes)
     if case.op == "e2e_lstm":
         return LSTMClassifier(s["H"], classes)
     return EncoderClassifier(s["D"], classes)
@@ -103,6 +148,12 @@ def forward_flops(op: str, shape: dict[str, int]) -> int:
     conv 2·N·K·C·R·S·P·Q; LSTM 2·T·B·4H·(I+H) per layer; encoder layer 2·B·T·(4D² + 8D²) for the
     projections and FFN, plus 4·B·T²·D for attention; the final linear layer."""
     classes = CLASSES[op]
+    if op == "e2e_cnn" and shape.get("R", 0) == 1:
+        B, C, S = shape["B"], shape["C"], shape["S"]
+        h = (S + 1) // 2  # the strided block's side
+        full = 2 * B * S * S * (3 * C * 9 + 2 * C * C * 9)  # stem, block 1's two convs
+        strided = 2 * B * h * h * (C * 2 * C * 9 + 2 * C * 2 * C * 9 + C * 2 * C)  # block 2: 3×3 s2, 3×3, 1×1 s2
+        return full + strided + 2 * B * 2 * C * classes
     if op == "e2e_cnn":
         B, C, S = shape["B"], shape["C"], shape["S"]
         half = S // 2

@@ -304,6 +304,30 @@ def _depthwise_runner(input, weight, bias, residual, stride, padding, dilation, 
                                                        activation, negative_slope, need_preactivation)
 
 
+# CPU layers with nothing to fuse (no activation, no residual) that the C++ op would hand to
+# at::convolution anyway go to torch's conv2d directly: the op would add only its fixed cost, which
+# on a small layer is a visible share (SmallCNN's 8 -> 8 3x3 16x16 batch 8 training forward, fp32,
+# 2 threads: ~10 us per call, ~220 vs ~200 us for its three convs). The op keeps the layers where
+# its own cores may run: 1x1 layers (the GEMM core), 3x3 layers of >= 128 channels (Winograd, see
+# csrc/cpu/conv.cpp prefer_winograd) and depthwise layers (the direct kernel).
+CPU_OWN_CORE_MIN_CHANNELS_3X3 = 128
+
+
+def _torch_conv_suffices(weight: Tensor, groups: int, activation: str, residual: Optional[Tensor]) -> bool:
+    if activation != "none" or residual is not None or groups != 1:
+        return False
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh == 1 and kw == 1:
+        return False
+    return not (kh == 3 and kw == 3 and min(weight.shape[0], weight.shape[1]) >= CPU_OWN_CORE_MIN_CHANNELS_3X3)
+
+
+def _torch_conv_runner(input, weight, bias, residual, stride, padding, dilation, groups, activation,
+                       negative_slope, need_preactivation):
+    """The conv schema's signature on torch's conv2d (for the calls _torch_conv_suffices names)."""
+    return F.conv2d(input, weight, bias, stride, padding, dilation, groups), None
+
+
 def _pick_op(backend: str, input: Tensor, weight: Tensor, groups: int, training: bool) -> ConvRunner:
     """The ONE place that decides which kernel runs a (validated) call on `backend` ("cpu", "cuda" or
     "triton"). Returns a callable with the conv schema: (input, weight, bias, residual, stride,
@@ -330,6 +354,83 @@ def _autocast(device_type: str, tensors: tuple[Optional[Tensor], ...]) -> tuple[
     dtype, as the stock conv2d does."""
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+# ------------------------------------------------------------------------------- CPU fast path
+# The eager entries into the C++ ops: bigkernels._C._conv / _conv_depthwise parse their arguments
+# like torch's own conv2d binding and call the op's typed handle (autograd included); calling
+# through torch.ops cost ~6 us more per call (csrc/autograd/conv_call.cpp says where measured).
+# They return None for tensors with __torch_function__: those calls go through torch.ops.
+def _entry(name: str, op_name: str) -> Optional[Callable[..., Optional[Tensor]]]:
+    if not _extension.AVAILABLE:
+        return None
+    import bigkernels._C as compiled
+
+    direct = getattr(compiled, name, None)
+    if direct is None:  # an extension built before the entries existed: same contract via torch.ops
+        overload = getattr(torch.ops.bigkernels, op_name).default
+        return lambda *args: overload(*args)[0]
+    return direct
+
+
+_CPU_CONV = _entry("_conv", "conv")
+_CPU_CONV_DEPTHWISE = _entry("_conv_depthwise", "conv_depthwise")
+
+
+def conv2d_normalized(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                      stride: list[int], padding: list[int], dilation: list[int], groups: int, activation: str,
+                      negative_slope: float) -> Tensor:
+    """``conv2d`` for callers that hold already-normalised arguments (the modules cache them):
+    stride/padding/dilation lists of 2 ints (symmetric padding), activation a name of ACTIVATIONS,
+    negative_slope a float. A 4-D CPU input on the C++ backend (automatic or forced "cpu"), outside
+    torch.compile and CPU autocast, runs straight to the kernel; anything else takes ``conv2d``.
+    Bad arguments raise the same errors as ``conv2d`` (the checks run after the kernel refused)."""
+    if isinstance(input, Tensor) and _cpu_fast_path(input):
+        return _run_cpu(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope)
+    return conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation,
+                  negative_slope=negative_slope, residual=residual)
+
+
+def _cpu_fast_path(input: Tensor) -> bool:
+    """A call conv2d_normalized/conv2d may run straight on the C++ kernels."""
+    return (_CPU_CONV is not None and input.is_cpu and input.dim() == 4 and _backend.requested() in (None, "cpu")
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+
+
+def _run_cpu(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope) -> Tensor:
+    """The kernel choice of _pick_op for the CPU backend, inline (normalised arguments)."""
+    try:
+        if _torch_conv_suffices(weight, groups, activation, residual):
+            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        need_preactivation = torch.is_grad_enabled() and (
+            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)
+        )
+        if groups != 1 and _is_depthwise(input, weight, groups) and (
+                need_preactivation or output_memory_format(input) != torch.channels_last
+                or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL):
+            out = _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation,
+                                      negative_slope, need_preactivation)
+            if out is None:  # __torch_function__ somewhere: torch.ops honours it
+                out = torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding,
+                                                                  dilation, activation, negative_slope,
+                                                                  need_preactivation)[0]
+            return out
+        out = _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                        need_preactivation)
+        if out is None:
+            out = torch.ops.bigkernels.conv.default(input, weight, bias, residual, stride, padding, dilation, groups,
+                                                    activation, negative_slope, need_preactivation)[0]
+        return out
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
+        # Raises the precise error when the arguments are at fault (weight/bias of a wrong type
+        # fail above with an AttributeError or IndexError first).
+        check_tensor(weight, "weight")
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be 4-D (out_channels, in_channels / groups, kH, kW), "
+                             f"got {weight.dim()}-D") from None
+        _check_arguments(input, weight, bias, residual, stride, padding, dilation, groups, activation)
+        raise
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -368,6 +469,10 @@ def conv2d(
     act = _check_activation(activation, negative_slope)
     stride_ = _pair(stride, "stride", 1)
     dilation_ = _pair(dilation, "dilation", 1)
+    if not isinstance(padding, str) and _cpu_fast_path(input):
+        padding_ = _pair(padding, "padding", 0)
+        return _run_cpu(input, weight, bias, residual, list(stride_), list(padding_), list(dilation_), groups, act,
+                        float(negative_slope))
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)

@@ -90,6 +90,10 @@ bool grad_needs_preactivation(const ConvArgs& a) {
   return false;  // an unknown name: the kernel has already refused it
 }
 
+// Positions in the packed integer entry of saved_data (ConvFunction::forward).
+constexpr int kArgsStride = 0, kArgsPadding = 2, kArgsDilation = 4, kArgsGroups = 6, kArgsNeed = 7,
+              kArgsRecompute = 11;
+
 template <typename Ops>
 class ConvFunction : public torch::autograd::Function<ConvFunction<Ops>> {
  public:
@@ -106,17 +110,17 @@ class ConvFunction : public torch::autograd::Function<ConvFunction<Ops>> {
                             recompute && has_residual ? *residual : Tensor()});
     // Which gradients are wanted, from the tensors themselves (needs_input_grad's numbering skips
     // absent optional tensors).
-    ctx->saved_data["need"] = c10::List<bool>({input.requires_grad(), weight.requires_grad(),
-                                               has_bias && bias->requires_grad(),
-                                               has_residual && residual->requires_grad()});
-    ctx->saved_data["recompute"] = recompute;
-    ctx->saved_data["stride"] = args.stride;
-    ctx->saved_data["padding"] = args.padding;
-    ctx->saved_data["dilation"] = args.dilation;
-    ctx->saved_data["groups"] = args.groups;
+    // The integer arguments and flags in ONE entry (each saved_data entry is a hashed string key
+    // and a boxed value: ten of them cost a few microseconds per call): the layout of kArgs*.
+    ctx->saved_data["args"] = std::vector<int64_t>{
+        args.stride[0], args.stride[1], args.padding[0], args.padding[1], args.dilation[0], args.dilation[1],
+        args.groups, input.requires_grad(), weight.requires_grad(), has_bias && bias->requires_grad(),
+        has_residual && residual->requires_grad(), recompute};
     ctx->saved_data["activation"] = args.activation;
     ctx->saved_data["negative_slope"] = args.negative_slope;
     ctx->mark_non_differentiable({z});
+    // z never gets a gradient: no zero tensor is made for it (backward handles undefined grads).
+    ctx->set_materialize_grads(false);
     return {y, z};
   }
 
@@ -125,16 +129,20 @@ class ConvFunction : public torch::autograd::Function<ConvFunction<Ops>> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight = saved[1];
     Tensor y = saved[2], z = saved[3];
-    const ConvArgs args{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                        ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt(),
-                        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["negative_slope"].toDouble()};
-    if (ctx->saved_data["recompute"].toBool()) {
+    const std::vector<int64_t> packed = ctx->saved_data["args"].toIntVector();
+    const ConvArgs args{{packed[kArgsStride], packed[kArgsStride + 1]},
+                        {packed[kArgsPadding], packed[kArgsPadding + 1]},
+                        {packed[kArgsDilation], packed[kArgsDilation + 1]},
+                        packed[kArgsGroups],
+                        ctx->saved_data["activation"].toStringRef(),
+                        ctx->saved_data["negative_slope"].toDouble()};
+    if (packed[kArgsRecompute] != 0) {
       const OptTensor bias = saved[4].defined() ? OptTensor(saved[4]) : std::nullopt;
       const OptTensor residual = saved[5].defined() ? OptTensor(saved[5]) : std::nullopt;
       std::tie(y, z) = Ops::forward(input, weight, bias, residual, args, true);
     }
-    const auto need = ctx->saved_data["need"].toBoolList();
-    const std::array<bool, 4> mask{need[0], need[1], need[2], need[3]};
+    const std::array<bool, 4> mask{packed[kArgsNeed] != 0, packed[kArgsNeed + 1] != 0, packed[kArgsNeed + 2] != 0,
+                                   packed[kArgsNeed + 3] != 0};
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(y);
     auto [g_input, g_weight, g_bias, g_residual] = Ops::backward(grad_output, input, weight, y, z, args, mask);
     // One entry per forward argument; undefined means "no gradient".
