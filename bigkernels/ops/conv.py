@@ -9,11 +9,12 @@ the ops' symmetric padding, picks the backend once (bigkernels/_backend.py) and 
 
 Layouts: NCHW-contiguous and channels_last inputs are both fast; the output takes the input's layout
 (`output_memory_format`). Other strides work but cost a copy inside the kernel. On the CPU, 1x1
-layers run the GEMM core in either layout; NCHW float32 3x3 stride-1 layers of 128-256 channels on
-~28x28 images run Winograd F(2x2, 3x3); other dense layers take oneDNN's fused primitive (as fast as
-stock there) or at::convolution + one pass; NCHW depthwise layers run the direct kernel (csrc/cpu/conv.cpp and _pick_op say where and why). No call
-converts the layout for you: convert the model once (model.to(memory_format=...)) if you want the
-other one.
+layers run the GEMM core in either layout; NCHW float32 3x3 stride-1 layers of 32-512 channels with
+14-112 px outputs run Winograd F(2x2, 3x3) (their input gradient too; transformed weights cached);
+other dense layers take oneDNN's fused primitive (as fast as stock there) or at::convolution + one
+pass; NCHW depthwise layers run the direct kernel (csrc/cpu/conv.cpp and _pick_op say where and
+why). No call converts the layout for you: convert the model once (model.to(memory_format=...)) if
+you want the other one.
 """
 from __future__ import annotations
 
@@ -308,9 +309,10 @@ def _depthwise_runner(input, weight, bias, residual, stride, padding, dilation, 
 # at::convolution anyway go to torch's conv2d directly: the op would add only its fixed cost, which
 # on a small layer is a visible share (SmallCNN's 8 -> 8 3x3 16x16 batch 8 training forward, fp32,
 # 2 threads: ~10 us per call, ~220 vs ~200 us for its three convs). The op keeps the layers where
-# its own cores may run: 1x1 layers (the GEMM core), 3x3 layers of >= 128 channels (Winograd, see
-# csrc/cpu/conv.cpp prefer_winograd) and depthwise layers (the direct kernel).
-CPU_OWN_CORE_MIN_CHANNELS_3X3 = 128
+# its own cores may run: 1x1 layers (the GEMM core), 3x3 layers of >= 32 input and output channels
+# (Winograd; this mirrors kWinogradMinChannels in csrc/cpu/conv.cpp prefer_winograd: keep them equal)
+# and depthwise layers (the direct kernel).
+CPU_OWN_CORE_MIN_CHANNELS_3X3 = 32
 
 
 def _torch_conv_suffices(weight: Tensor, groups: int, activation: str, residual: Optional[Tensor]) -> bool:

@@ -210,6 +210,7 @@ enum class OwnCore { None, PointwiseGemm, Winograd };
 // the transforms were vectorised and the GEMMs run over whole 16-float column vectors it won only
 // at 128 -> 128 28x28, 1.07-1.14x.) Layers outside the measured range (fewer than 32 or more than
 // 512 channels, sides above 112) take the other cores.
+// bigkernels/ops/conv.py CPU_OWN_CORE_MIN_CHANNELS_3X3 mirrors kWinogradMinChannels (keep equal).
 constexpr int64_t kWinogradMinChannels = 32;
 constexpr int64_t kWinogradMaxChannels = 512;
 constexpr int64_t kWinogradMinOutputSide = 14;
