@@ -362,6 +362,7 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
   // split into parts (a part needs key blocks of its own).
   const bool unbounded = in.window.left < 0 && in.window.right < 0;
   const int64_t block_k = unbounded && parts == 1 ? kBwdBlockK : kBwdBlockKWindowed;
+  constexpr int64_t kExactSoftmaxMaxKeys = 128;
   const int64_t rows = in.tile_rows(kBwdBlockQ), ld_s = in.tile_ld(block_k);
 
   std::atomic<int64_t> next_item{0};
@@ -416,6 +417,12 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
 
       // Part p takes key blocks p, p + parts, ...: interleaved, so that a causal mask (early keys
       // seen by more queries) does not load one part more than another.
+      // Short rows whose keys all sit in one block: P and D are then formed from the block alone,
+      // as stock's softmax backward forms them (see D below). Only for short rows: there the
+      // rounding of the lse-based P and the pre-pass D is a visible share of the gradients (one
+      // key: exactly zero in stock, ~1e-6 otherwise), and the extra row passes cost little; at
+      // 512 keys they cost ~10% of the backward (B=8 H=8 L=512 D=64, 2 threads).
+      const bool single_key_block = pr.k_len <= std::min(block_k, kExactSoftmaxMaxKeys);
       for (int64_t j0 = part * block_k; j0 < pr.k_len; j0 += parts * block_k) {
         const int64_t nk = std::min(block_k, pr.k_len - j0), gj0 = pr.k_start + j0;
         int64_t ldk, ldv;
@@ -440,6 +447,11 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
               const acc_t this_lse = row_lse[gh * ql + i];
               if (this_lse == -std::numeric_limits<acc_t>::infinity()) {
                 std::fill(p, p + nk, acc_t(0));
+              } else if (single_key_block) {
+                // All of the row's keys are here: its softmax as stock computes it (max, exp, sum,
+                // normalise), so P, dP and D below round together (see D).
+                const acc_t row_sum = exp_shift_sum(p, nk, row_max(p, nk));
+                scale_row(p, nk, acc_t(1) / row_sum);
               } else {
                 exp_shift(p, nk, this_lse * kScoreUnit<acc_t>);
               }
@@ -457,8 +469,14 @@ void backward_kernel(const Inputs<scalar_t>& in, const scalar_t* grad_out, Strid
                         dscores.data(), ld_s);
             for (int64_t r = 0; r < nq; ++r) {
               acc_t* ds = dscores.data() + r * ld_s;
-              softmax_grad(probs.data() + r * ld_s, P_dropped + r * ld_s, ds, nk,
-                           delta[gh * ql + i0 + r]);
+              // D = rowsum(dO * O) equals sum_j P_dropped dP over the row's keys. When this block
+              // holds all of them, take that form: dS then rounds consistently with dP, so it is
+              // exactly zero where it should be (one key: P = 1, dP = D), as in stock's softmax
+              // backward; the pre-pass's D, rounded differently, left dQ/dK off by an ulp of
+              // |dO| |v| there (hypothesis sweep, S = 1: dK 3e-6 where stock's is 0).
+              acc_t d = delta[gh * ql + i0 + r];
+              if (single_key_block) d = row_dot(P_dropped + r * ld_s, ds, nk);
+              softmax_grad(probs.data() + r * ld_s, P_dropped + r * ld_s, ds, nk, d);
               if (g.grad_mask != nullptr) {
                 scalar_t* gm = g.grad_mask + ((b * n.Hq + h) * n.L + pr.q_start + i0 + r) * n.S + gj0;
                 for (int64_t j = 0; j < nk; ++j) gm[j] = static_cast<scalar_t>(ds[j]);

@@ -204,6 +204,14 @@ BK_ATT_MULTIVERSION static void softmax_grad(const float* p, const float* p_drop
   for (int64_t j = 0; j < n; ++j) dp[j] = p_dropped[j] * dp[j] - p[j] * d;
 }
 
+// sum_j a[j] * b[j], vectorised (the order of the sum is the compiler's).
+BK_ATT_MULTIVERSION static float row_dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
 BK_ATT_MULTIVERSION static void scale_row(float* x, int64_t n, float a) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
@@ -232,6 +240,12 @@ inline void exp_shift(double* s, int64_t n, double shift) {
 
 inline void softmax_grad(const double* p, const double* p_dropped, double* dp, int64_t n, double d) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p_dropped[j] * dp[j] - p[j] * d;
+}
+
+inline double row_dot(const double* a, const double* b, int64_t n) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
 }
 
 inline void scale_row(double* x, int64_t n, double a) {
