@@ -8,6 +8,7 @@
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -73,6 +74,10 @@ at::Tensor cached_weight_transform(const at::Tensor& weight, WeightTransformKind
   Cache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
+    // Entries of freed weights go now, not at the next insertion: a deleted model's transformed
+    // filters (up to the byte bound) would otherwise stay until another weight is transformed.
+    c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(), [](const Entry& e) { return e.impl.expired(); }),
+                    c.entries.end());
     for (Entry& e : c.entries) {
       if (same_key(e, weight, version, kind)) {
         e.last_use = ++c.clock;
