@@ -5,10 +5,13 @@
     with bigkernels.use_backend("reference"):      # or BIGKERNELS_BACKEND=cpu|cuda|triton|reference
         ...
 
-`python -m bigkernels info` shows what this installation holds and which backend each op uses.
+Each call runs the kernel measured fastest for its shape on this machine, torch's own op included
+(BIGKERNELS_TUNE=off: a static rule; `with bigkernels.tuning(False)` per block). `python -m bigkernels
+info` shows what this installation holds, each op's candidates and the tuning cache.
 """
 from bigkernels import _extension  # loads bigkernels._C (registers the C++ ops) before anything else
 from bigkernels._backend import BACKENDS, BackendUnavailable, use_backend
+from bigkernels._chooser import tuning
 from bigkernels._extension import ExtensionUnavailable
 from bigkernels import ops, nn, reference
 from bigkernels._version import __version__
@@ -28,5 +31,6 @@ __all__ = [
     "reference",
     "optimize",
     "train",
+    "tuning",
     "use_backend",
 ]

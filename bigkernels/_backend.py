@@ -1,15 +1,15 @@
-"""Backend choice, in one place.
+"""The backends, which of them can run where, and the user's override.
 
-Every op asks `resolve(op, device)` once per call, and gets one of:
   "cpu"        C++ kernels in bigkernels._C (CPU tensors)
   "cuda"       CUDA C++ kernels in bigkernels._C (CUDA tensors)
   "triton"     Triton kernels (CUDA tensors; CPU tensors under the Triton interpreter)
   "reference"  plain PyTorch from bigkernels.reference (any device; slow, always correct)
 
-Automatic choice: CPU tensors -> "cpu"; CUDA tensors -> the fastest GPU backend built for that op
-(GPU_PREFERENCE); anything else -> "reference". Override with the environment variable
-BIGKERNELS_BACKEND (read once, at import) or, per block of code, `with bigkernels.use_backend(...)`.
-An override that cannot run the call raises BackendUnavailable saying why; it is never ignored.
+Which kernel runs a call is decided in one place, bigkernels/_chooser.py (measured on this machine,
+the stock op a candidate too); this module tells it what the user forced and what is available.
+Force a backend with the environment variable BIGKERNELS_BACKEND (read once, at import) or, per block
+of code, `with bigkernels.use_backend(...)`. A forced backend that cannot run the call raises
+BackendUnavailable saying why; it is never ignored.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from bigkernels import _extension
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
-# GPU backends that implement each op, fastest first (measured: see benchmarks/results/).
+# GPU backends with a kernel for each op (the chooser's candidates say which runs).
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "lstm_cell": ("cuda", "triton"),
     "lstm": ("cuda", "triton"),
@@ -58,7 +58,6 @@ if _ENV_BACKEND is not None:
 _override_stack: list[str] = []
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_warned_reference_fallback = False
 
 
 @contextlib.contextmanager
@@ -110,50 +109,3 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> str | Non
     if device.type not in ("cpu", "cuda"):
         return f"Triton kernels take CUDA tensors, got tensors on {device}"
     return None
-
-
-def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs `op` for tensors on `device`."""
-    forced = requested()
-    if forced is not None:
-        reason = unavailable_reason(forced, op, device)
-        if reason is not None:
-            raise BackendUnavailable(f"bigkernels backend {forced!r} cannot run {op}: {reason}")
-        return forced
-    if device.type == "cpu":
-        if _extension.AVAILABLE:
-            return "cpu"
-        _warn_reference_fallback(op)
-        return "reference"
-    if device.type == "cuda":
-        for backend in GPU_PREFERENCE.get(op, ()):
-            if unavailable_reason(backend, op, device) is None:
-                return backend
-        _warn_reference_fallback(op)
-    return "reference"
-
-
-def _warn_reference_fallback(op: str) -> None:
-    global _warned_reference_fallback
-    if not _warned_reference_fallback:
-        _warned_reference_fallback = True
-        warnings.warn(
-            f"bigkernels: no compiled kernel can run {op} here, using the (slow) reference backend. "
-            f"{_extension.UNAVAILABLE_REASON or ''}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def describe(op: str) -> dict[str, str]:
-    """For `bigkernels info`: the backend `op` would use on each device type present here."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    out = {}
-    for device in devices:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[device.type] = resolve(op, device)
-        except BackendUnavailable as exc:
-            out[device.type] = f"error: {exc}"
-    return out

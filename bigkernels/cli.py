@@ -1,4 +1,4 @@
-"""The `bigkernels` command: `bigkernels info` and `bigkernels bench ...`."""
+"""The `bigkernels` command: info, bench, tune, validate."""
 from __future__ import annotations
 
 import sys
@@ -6,8 +6,13 @@ import sys
 USAGE = """usage: bigkernels <command> [options]
 
 commands:
-  info     versions, compiled backends, Triton, the device, and the backend each op uses
-  bench    run the benchmark suite (bigkernels bench --help)
+  info       versions, compiled backends, Triton, the device, each op's candidates, the tuning cache
+             and which candidate won per key (--all: every entry)
+  bench      run the benchmark suite (bigkernels bench --help)
+  tune       pre-tune the benchmark grid's calls, so that later processes read the cache
+             (bigkernels tune --help)
+  validate   check every GPU kernel against the stock op on this GPU, in a child process, and record
+             the verdicts in the tuning cache (bigkernels validate --help)
 """
 
 
@@ -20,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "info":
         from bigkernels._info import main as info_main
 
-        return info_main()
+        return info_main(rest)
+    if command in ("tune", "validate"):
+        from bigkernels import _tune_cli
+
+        return _tune_cli.tune_main(rest) if command == "tune" else _tune_cli.validate_main(rest)
     if command == "bench":
         from bigkernels.bench.cli import main as bench_main
 

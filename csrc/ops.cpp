@@ -31,9 +31,12 @@ TORCH_LIBRARY(bigkernels, m) {
   //   w_hh is [4H, P]. reverse runs the steps last to first.
   //   gates [rows, 4H] (activated i, f, g, o) and cells [rows, H] (c after each step) are the
   //   workspace the backward needs, rows = T*B or N; both empty when not need_workspace.
+  //   path picks the CPU recurrence (bigkernels/ops/lstm.py's chooser decides, csrc/cpu/lstm.cpp
+  //   runs it): 0 = the static heuristic, 1 = the fused float32 kernel, 2 = the generic per-step
+  //   GEMMs. The CUDA kernel has one path and ignores it.
   m.def(
       "lstm(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_workspace) -> "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_workspace, int path=0) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   // Backward of lstm (BPTT). output_mask says which of (input, weights, bias) need a gradient;
   // unneeded ones come back empty. grad_h0 and grad_c0 are always computed (by-products of the
@@ -41,7 +44,7 @@ TORCH_LIBRARY(bigkernels, m) {
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
-      "bool reverse, Tensor output, Tensor gates, Tensor cells, bool[3] output_mask) -> "
+      "bool reverse, Tensor output, Tensor gates, Tensor cells, bool[3] output_mask, int path=0) -> "
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
 

@@ -3,14 +3,21 @@
 - Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter; it must be switched
   on before triton (or bigkernels) is imported, so it happens here, first.
 - `cuda`-marked tests are skipped, with the reason shown, where no GPU is visible.
+- Tuning is off (BIGKERNELS_TUNE=off) unless a test turns it on, and the cache is a temporary folder.
 """
 import os
+import tempfile
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests check our kernels: automatic calls take the static heuristic (our kernel), not a timed
+# choice that could hand a test's shape to the stock op. tests/test_chooser.py turns tuning on where
+# it tests it, with a cache directory of its own; no test writes to the user's cache.
+os.environ.setdefault("BIGKERNELS_TUNE", "off")
+os.environ.setdefault("BIGKERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="bigkernels-test-cache-"))
 
 import pytest  # noqa: E402
 

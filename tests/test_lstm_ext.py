@@ -240,8 +240,12 @@ def test_module_packed_bidirectional_multilayer(training):
             grads = torch.autograd.grad(loss, list(module.parameters()))
         results.append([out.data, h, c, *grads])
     names = ["output", "h_n", "c_n"] + [n for n, _ in ours.named_parameters()]
-    for name, o, s, r in zip(names, *results):
-        assert_matches(name, o, s, r)
+    # A parameter's gradient sums over every packed row of every step (11 here) and, through the
+    # recurrence, over the steps after it: its slack grows with that count (AMD and Intel sum in
+    # different orders; bias_ih_l0_reverse was 1.01x the single-term bound on an EPYC).
+    rows = int(packed.batch_sizes.sum())
+    for index, (name, o, s, r) in enumerate(zip(names, *results)):
+        assert_matches(name, o, s, r, reduction=rows if index >= 3 else 1)
 
 
 def test_module_parameters_and_drop_in_contract():

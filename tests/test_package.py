@@ -22,14 +22,23 @@ def test_version_names_the_build_target():
     assert local == "cpu" or local.startswith("cu"), bigkernels.__version__
 
 
+def _cell_choice() -> str:
+    """The candidate an automatic lstm_cell call on CPU tensors runs (tuning is off in the tests)."""
+    from bigkernels.ops.lstm_cell import CHOOSER
+
+    args = (torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4), torch.randn(16, 3), torch.randn(16, 4), None, None)
+    return CHOOSER.pick(torch.device("cpu"), args, False).name
+
+
 def test_use_backend_nests_and_validates():
     assert _backend.requested() is None
+    expected = "cpu" if bigkernels._extension.AVAILABLE else "stock"
     with bigkernels.use_backend("reference"):
         assert _backend.requested() == "reference"
         with bigkernels.use_backend("cpu"):
-            assert _backend.resolve("lstm_cell", torch.device("cpu")) == "cpu"
-        assert _backend.resolve("lstm_cell", torch.device("cpu")) == "reference"
-    assert _backend.resolve("lstm_cell", torch.device("cpu")) == "cpu"
+            assert _cell_choice() == "cpu"
+        assert _cell_choice() == "reference"
+    assert _cell_choice() == expected
     with pytest.raises(ValueError, match="use_backend\\(name\\) must be one of cpu, cuda, triton, reference, got 'gpu'"):
         with bigkernels.use_backend("gpu"):
             pass
@@ -43,7 +52,9 @@ def test_backend_reasons():
 
 
 def test_env_variable_selects_backend():
-    code = "import torch, bigkernels._backend as b; print(b.resolve('lstm_cell', torch.device('cpu')))"
+    code = ("import torch, bigkernels; from bigkernels.ops.lstm_cell import CHOOSER; "
+            "args = (torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4), torch.randn(16, 3), torch.randn(16, 4), "
+            "None, None); print(CHOOSER.pick(torch.device('cpu'), args, False).name)")
     assert run_python(code, BIGKERNELS_BACKEND="reference").stdout.strip() == "reference"
     bad = run_python(code, BIGKERNELS_BACKEND="fastest")
     assert bad.returncode != 0 and "BIGKERNELS_BACKEND must be one of" in bad.stderr
@@ -59,7 +70,7 @@ print("WARN", [str(w.message) for w in caught if "bigkernels" in str(w.message)]
 x = torch.randn(2, 3); w_ih = torch.randn(8, 3); w_hh = torch.randn(8, 2)
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    h, c = bigkernels.nn.functional.lstm_cell(x, None, w_ih, w_hh)  # falls back to the reference
+    h, c = bigkernels.nn.functional.lstm_cell(x, None, w_ih, w_hh)  # falls back to torch's own cell
 print("FALLBACK", tuple(h.shape))
 try:
     with bigkernels.use_backend("cpu"):
@@ -96,7 +107,8 @@ def test_info_command():
     assert out.returncode == 0, out.stderr
     for field in ("bigkernels", "torch", "triton", "compiled kernels", "device", "lstm_cell"):
         assert field in out.stdout
-    assert "cpu -> cpu" in out.stdout
+    assert "cpu: cpu, stock" in out.stdout  # lstm_cell's candidates on CPU tensors
+    assert "tuning cache" in out.stdout and "tuned choices" in out.stdout
 
 
 def test_cli_usage():

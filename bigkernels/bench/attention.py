@@ -11,14 +11,14 @@ GPU grid (FlashAttention's benchmark convention): bf16, B·L = 16384 tokens, H·
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-import bigkernels
 from bigkernels import reference
 from bigkernels.bench.cases import Case, Inputs, OpBench, Outputs, Provider, Step, float64_copy, make_step
-from bigkernels.bench.providers import TORCH, TORCH_COMPILE, bigkernels_backends, bigkernels_provider_name
+from bigkernels.bench.providers import TORCH, TORCH_COMPILE, bigkernels_backends, bigkernels_provider_name, forced
 from bigkernels.nn.functional import scaled_dot_product_attention
 
 OP = "attention"
@@ -129,12 +129,12 @@ def _step(case: Case, inputs: Inputs, attend) -> Step:
     return make_step(case.mode, forward, leaves, grads)
 
 
-def _bigkernels(backend: str) -> Provider:
+def _bigkernels(backend: Optional[str]) -> Provider:
     def build(case: Case, inputs: Inputs) -> Step:
         causal = bool(case.shape["causal"])
 
         def attend(q, k, v):
-            with bigkernels.use_backend(backend):  # forced, so that the row name is honest
+            with forced(backend):  # None: the automatic choice
                 return scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return _step(case, inputs, attend)
@@ -200,7 +200,7 @@ def providers(case: Case, full: bool) -> tuple[list[Provider], dict[str, str]]:
     peers, peers_skipped = _peer_providers(case)
     skipped.update(peers_skipped)
     stock = [Provider(TORCH, _torch_eager), Provider(TORCH_COMPILE, _torch_compile)]
-    return [_bigkernels(b) for b in backends] + stock + peers, skipped
+    return [_bigkernels(None)] + [_bigkernels(b) for b in backends] + stock + peers, skipped
 
 
 BENCH = OpBench(

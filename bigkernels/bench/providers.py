@@ -1,5 +1,5 @@
-"""The standard contenders of an op that has a drop-in module: bigkernels[<backend>], torch, torch.compile,
-and optionally torch.compile of the bigkernels module (bigkernels[<backend>]+compile).
+"""The standard contenders of an op that has a drop-in module: bigkernels (the automatic choice),
+bigkernels[<backend>] (each backend forced), torch, torch.compile, and optionally torch.compile of the bigkernels module (bigkernels[<backend>]+compile).
 
 An op file describes its module pair with a `ModulePair`; `module_providers` turns it into the
 providers of a case. Ops without a module (functional only) write their providers by hand with the
@@ -7,9 +7,10 @@ same Provider/Step types.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,11 +20,23 @@ from bigkernels import _backend
 from bigkernels.bench.cases import Case, Inputs, Outputs, Provider, Step, make_step
 
 TORCH = "torch"  # stock eager: the baseline every speedup is measured against
+AUTO = "bigkernels"  # no backend forced: the chooser's pick on this machine (what a user gets)
 TORCH_COMPILE = "torch.compile"
 
 
-def bigkernels_provider_name(backend: str) -> str:
-    return f"bigkernels[{backend}]"
+def bigkernels_provider_name(backend: Optional[str]) -> str:
+    """"bigkernels" for the automatic choice (backend None), "bigkernels[<backend>]" when forced."""
+    return AUTO if backend is None else f"bigkernels[{backend}]"
+
+
+@contextlib.contextmanager
+def forced(backend: Optional[str]) -> Iterator[None]:
+    """use_backend(backend), or nothing for the automatic choice."""
+    if backend is None:
+        yield
+    else:
+        with bigkernels.use_backend(backend):
+            yield
 
 
 def compiled_provider_name(backend: str) -> str:
@@ -80,13 +93,14 @@ def _step_for(
     return make_step(case.mode, lambda: call_module(inputs), leaves, grad_outputs)
 
 
-def _bigkernels(backend: str, pair: ModulePair) -> Provider:
+def _bigkernels(backend: Optional[str], pair: ModulePair) -> Provider:
     def build(case: Case, inputs: Inputs) -> Step:
         module = pair.bigkernels_module(case, inputs)
 
         def call(inputs: Inputs) -> Outputs:
-            # Forcing the backend (rather than letting bigkernels pick) makes the row name honest.
-            with bigkernels.use_backend(backend):
+            # A forced backend runs that backend's kernel whatever is faster, so its row says how
+            # our kernel itself does; the automatic row is what a user gets.
+            with forced(backend):
                 return pair.forward(module, inputs)
 
         return _step_for(case, inputs, pair, module, call)
@@ -147,10 +161,10 @@ def _torch_compile(pair: ModulePair) -> Provider:
 
 
 def module_providers(op: str, case: Case, full: bool, pair: ModulePair) -> tuple[list[Provider], dict[str, str]]:
-    """bigkernels[<each runnable backend>], [their +compile variants,] torch, torch.compile; plus
-    {skipped provider: reason}."""
+    """bigkernels (automatic), bigkernels[<each runnable backend>], [their +compile variants,] torch,
+    torch.compile; plus {skipped provider: reason}."""
     backends, skipped = bigkernels_backends(op, case.device, full)
-    providers = [_bigkernels(b, pair) for b in backends]
+    providers = [_bigkernels(None, pair)] + [_bigkernels(b, pair) for b in backends]
     if pair.compile_bigkernels:
         providers += [_bigkernels_compile(b, pair) for b in backends if b != "reference"]
     providers += [_torch_eager(pair), _torch_compile(pair)]

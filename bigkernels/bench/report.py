@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from bigkernels.bench.providers import TORCH, TORCH_COMPILE
+from bigkernels.bench.providers import AUTO, TORCH, TORCH_COMPILE
 from bigkernels.bench.runner import COLUMNS, Row, RunResult, provider_names
 
 CSV_NAME = "results.csv"
@@ -53,6 +53,10 @@ def _fastest(by_provider: dict[str, Row]) -> Optional[Row]:
 
 
 def _best_bigkernels(by_provider: dict[str, Row]) -> Optional[Row]:
+    """The automatic choice (what a user gets) where it ran; else the fastest forced backend."""
+    auto = by_provider.get(AUTO)
+    if auto is not None and auto.median_ms is not None:
+        return auto
     return _fastest({n: r for n, r in by_provider.items() if n.startswith("bigkernels")})
 
 
@@ -82,7 +86,7 @@ def format_table(result: RunResult) -> str:
     for (op, mode, device, dtype), shapes in group_rows(result.rows).items():
         present = [p for p in providers if any(p in by_p for by_p in shapes.values())]
         out.append(f"{op}  {mode}  {device}  {dtype}    median ms  (×: speedup vs torch eager, >1 is faster)")
-        lines = [["shape", "GFLOP"] + present + ["fastest", "its throughput"]]
+        lines = [["shape", "GFLOP"] + present + ["fastest", "its throughput", "bigkernels chose"]]
         failures: dict[tuple[str, str], list[str]] = defaultdict(list)  # (provider, error) -> shapes
         worst_err: dict[str, float] = defaultdict(float)
         for shape, by_provider in shapes.items():
@@ -96,7 +100,9 @@ def format_table(result: RunResult) -> str:
                 if row and row.max_abs_err is not None:
                     worst_err[p] = max(worst_err[p], row.max_abs_err)
             fastest = _fastest(by_provider)
-            line += [fastest.provider if fastest else "-", _throughput(fastest) if fastest else ""]
+            auto = by_provider.get(AUTO)
+            line += [fastest.provider if fastest else "-", _throughput(fastest) if fastest else "",
+                     auto.choice if auto else ""]
             lines.append(line)
         out += ["  " + line for line in _align(lines)]
         if worst_err:
@@ -157,14 +163,15 @@ def format_markdown(result: RunResult, meta: dict[str, object]) -> str:
         f"- timing: {'; '.join(info['timing_methods'])}; peak memory: {'; '.join(info['peak_mem_methods'])}",
         f"- other processes' CPU load: {info.get('busy_cores_before', '?')} cores busy before the run, "
         f"{info.get('busy_cores_after', '?')} after",
-        "- speedup = other provider's median / bigkernels' median (the fastest bigkernels backend): > 1 means bigkernels is faster",
+        "- speedup = other provider's median / bigkernels' median (the automatic choice, `bigkernels`, where it ran; "
+        "else the fastest forced backend): > 1 means bigkernels is faster; `chose` = the kernel the chooser ran",
         "",
     ]
     providers = provider_names(result.rows)
     for (op, mode, device, dtype), shapes in group_rows(result.rows).items():
         present = [p for p in providers if any(p in by_p for by_p in shapes.values())]
         out += [f"### {op} · {mode} · {device} · {dtype}", ""]
-        header = ["shape"] + [f"{p} ms" for p in present] + ["vs torch", "vs torch.compile", "bigkernels max err"]
+        header = ["shape"] + [f"{p} ms" for p in present] + ["vs torch", "vs torch.compile", "bigkernels max err", "chose"]
         out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for shape, by_provider in shapes.items():
             best = _best_bigkernels(by_provider)
@@ -174,6 +181,7 @@ def format_markdown(result: RunResult, meta: dict[str, object]) -> str:
                 ok = best and other and other.median_ms is not None
                 cells.append(f"{other.median_ms / best.median_ms:.2f}x" if ok else "-")
             cells.append(f"{best.max_abs_err:.1e}" if best and best.max_abs_err is not None else "-")
+            cells.append(best.choice if best and best.choice else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     if result.skipped:

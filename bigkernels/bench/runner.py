@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from bigkernels import _chooser
 from bigkernels.bench import memory, timing
 from bigkernels.bench.cases import Case, Outputs, dtype_name, get_op
 from bigkernels.bench.providers import TORCH
@@ -52,6 +53,9 @@ class Row:
     max_abs_err: Optional[float]  # vs float64 reference: outputs, plus all gradients in bwd modes
     peak_mem_mib: Optional[float]
     peak_mem_method: str
+    # The kernel the chooser ran, per op, on the provider's first call ("lstm=cpu.fused"): for
+    # "bigkernels" the tuner's pick on this machine, for "bigkernels[<backend>]" the static heuristic.
+    choice: str = ""
     # Run metadata (metadata.collect), repeated so that every row stands alone.
     device_name: str = ""
     torch_version: str = ""
@@ -114,6 +118,7 @@ def run_case(
     errors: dict[str, str] = {}
     max_err: dict[str, float] = {}
     peaks: dict[str, tuple[Optional[float], str]] = {}
+    choices: dict[str, str] = {}
     steps = {}
     try:
         progress("inputs and float64 reference")
@@ -126,7 +131,9 @@ def run_case(
         try:
             progress(f"{provider.name}: first call and check")
             step = provider.build(case, inputs)
-            max_err[provider.name] = max_abs_error(step.next_call()(), expected)
+            _chooser.last_choice.clear()
+            max_err[provider.name] = max_abs_error(step.next_call()(), expected)  # tunes, where it tunes
+            choices[provider.name] = " ".join(f"{o}={c}" for o, c in sorted(_chooser.last_choice.items()))
             progress(f"{provider.name}: peak memory")
             peaks[provider.name] = memory.peak_mib(step.next_call(), case.device)
             steps[provider.name] = step
@@ -169,6 +176,7 @@ def run_case(
                 max_abs_err=max_err.get(name),
                 peak_mem_mib=peak,
                 peak_mem_method=peak_method,
+                choice=choices.get(name, ""),
                 **{k: meta.get(k, "") for k in RUN_FIELDS},
             )
         )

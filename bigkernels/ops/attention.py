@@ -9,7 +9,8 @@ any strides, an additive mask of shape (B, Hq, L, S) (any strides, stride 0 for 
 window (left, right) instead of is_causal. This module turns torch's SDPA calling convention into
 that layout (broadcast batch dims by expand, boolean mask -> additive at the mask's own size,
 is_causal -> window, scale None -> 1/sqrt(E), dropout seed from torch's generator), validates the
-arguments naming the one at fault, picks the backend (bigkernels/_backend.py), and registers the
+arguments naming the one at fault, declares the candidates the chooser picks from
+(bigkernels/_chooser.py: our kernels and torch's own function), and registers the
 fake implementations and the autograd formula of every op.
 """
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkernels import _backend, _extension, reference
+import torch.nn.functional as F
+
+from bigkernels import _extension, reference
+from bigkernels._chooser import Candidate, Chooser, size_bucket
 from bigkernels.ops._checks import check_floating, check_like, check_tensor
-from bigkernels.ops._dispatch import autocast_args
+from bigkernels.ops._dispatch import autocast_args, needs_workspace
 
 OP = "attention"
 # dropout_seed is [seed, offset], drawn uniformly below 2^62 (any int64 works; this keeps it positive).
@@ -201,22 +205,76 @@ def _check_padded_shapes(query, key, value, enable_gqa) -> None:
 
 
 # -------------------------------------------------------------------------------------- dispatch
-def _call_op(backend, q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p):
-    """Run the op on canonical-layout tensors; returns (output (B, Hq, L, Ev), lse (B, Hq, L))."""
-    if backend == "reference":
-        keep = None
-        if dropout_p > 0:
-            if cu_q is not None:
-                raise ValueError("the reference backend does not support dropout with cu_seqlens")
-            keep = torch.rand(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device) >= dropout_p
-        out, lse = reference.attention(q, k, v, mask, scale, (left, right), keep, dropout_p, cu_q, cu_k)
-        return out, lse.to(torch.float32)
-    seed = None
+def _call_op(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse):
+    """Run the call on canonical-layout tensors through the chooser; returns (output (B, Hq, L, Ev),
+    lse (B, Hq, L) or None when not need_lse)."""
+    call = (q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse)
+    return CHOOSER.pick(q.device, call, needs_workspace((q, k, v, mask))).run(*call)
+
+
+def _reference(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse):
+    keep = None
     if dropout_p > 0:
-        # From torch's generator: torch.manual_seed makes the dropout mask reproducible.
-        seed = torch.randint(0, _SEED_BOUND, (2,), dtype=torch.int64, device=q.device)
-    op = torch.ops.bigkernels.attention_triton.default if backend == "triton" else torch.ops.bigkernels.attention.default
-    return op(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
+        if cu_q is not None:
+            raise ValueError("the reference backend does not support dropout with cu_seqlens")
+        keep = torch.rand(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device) >= dropout_p
+    out, lse = reference.attention(q, k, v, mask, scale, (left, right), keep, dropout_p, cu_q, cu_k)
+    return out, lse.to(torch.float32) if need_lse else None
+
+
+def _own_kernel(op):
+    def run(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse):
+        seed = None
+        if dropout_p > 0:
+            # From torch's generator: torch.manual_seed makes the dropout mask reproducible.
+            seed = torch.randint(0, _SEED_BOUND, (2,), dtype=torch.int64, device=q.device)
+        out, lse = op(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
+        return out, lse if need_lse else None
+
+    return run
+
+
+def _stock(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse):
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=right == 0, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out, None
+
+
+def _stock_supports(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse):
+    """torch's function covers the plain calls: no varlen, window, lse or mask (a fully masked row's
+    output differs between torch's CPU kernels), non-empty."""
+    if cu_q is not None or need_lse or mask is not None:
+        return "varlen, return_lse and attn_mask calls are ours only"
+    if left != -1 or right not in (-1, 0):
+        return "sliding windows are ours only"
+    if 0 in q.shape or 0 in k.shape or 0 in v.shape:
+        return "empty calls are ours only"
+    return None
+
+
+def _signature(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, need_lse) -> tuple:
+    return (q.shape, k.shape, v.shape, q.dtype, None if mask is None else (mask.shape, mask.dtype, mask.requires_grad),
+            cu_q is None, left, right, dropout_p > 0, need_lse)
+
+
+def _bucket(sig: tuple) -> tuple:
+    q_shape, k_shape, v_shape = sig[0], sig[1], sig[2]
+    return ((size_bucket(q_shape[0] * q_shape[1]), k_shape[1], size_bucket(q_shape[2]), size_bucket(k_shape[2]),
+             q_shape[3], v_shape[3]) + sig[3:])
+
+
+CHOOSER = Chooser(
+    OP,
+    [
+        Candidate("cpu", "cpu", _own_kernel(torch.ops.bigkernels.attention.default if _extension.AVAILABLE else None)),
+        Candidate("triton", "triton", _own_kernel(torch.ops.bigkernels.attention_triton.default)),
+        Candidate("stock", "stock", _stock, _stock_supports),
+        Candidate("reference", "reference", _reference),
+    ],
+    signature=_signature,
+    bucket=_bucket,
+    comparable=lambda *call: call[11] == 0,  # dropout draws different masks
+)
 
 
 def _broadcast_shapes(*shapes) -> tuple:
@@ -291,10 +349,9 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask = autocast_args((query, key, value, attn_mask), query.device, ("cuda", "cpu"))
     _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)
     left, right = _window(is_causal, window_size)
-    backend = _backend.resolve(OP, query.device)
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         return _varlen(query, key, value, attn_mask, dropout_p, scale, enable_gqa, return_lse, left, right,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_padded_shapes(query, key, value, enable_gqa)
 
     q, k, v, batch, rank = _canonical(query, key, value, enable_gqa)
@@ -317,12 +374,12 @@ def scaled_dot_product_attention(
 
     if scale is None:
         scale = 1.0 / math.sqrt(dim_e) if dim_e > 0 else 1.0
-    out, lse = _call_op(backend, q, k, v, mask, None, None, 0, 0, float(scale), left, right, float(dropout_p))
+    out, lse = _call_op(q, k, v, mask, None, None, 0, 0, float(scale), left, right, float(dropout_p), return_lse)
     if rank != 4:
         out = out.reshape(*batch, heads_q, length_q, dim_v)
-        lse = lse.reshape(*batch, heads_q, length_q)
+        lse = lse.reshape(*batch, heads_q, length_q) if return_lse else None
         if max(query.dim(), key.dim(), value.dim()) < rank:
-            out, lse = out.squeeze(0), lse.squeeze(0)
+            out, lse = out.squeeze(0), lse.squeeze(0) if return_lse else None
     return (out, lse) if return_lse else out
 
 
@@ -360,7 +417,7 @@ def _longest_sequence(cu_seqlens: Tensor) -> int:
 
 
 def _varlen(query, key, value, attn_mask, dropout_p, scale, enable_gqa, return_lse, left, right, cu_q, cu_k,
-            max_q, max_k, backend):
+            max_q, max_k):
     if cu_q is None or cu_k is None:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
     if attn_mask is not None:
@@ -396,7 +453,7 @@ def _varlen(query, key, value, attn_mask, dropout_p, scale, enable_gqa, return_l
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-    out, lse = _call_op(backend, q, k, v, None, cu_q, cu_k, int(max_q), int(max_k), float(scale), left, right,
-                        float(dropout_p))
+    out, lse = _call_op(q, k, v, None, cu_q, cu_k, int(max_q), int(max_k), float(scale), left, right,
+                        float(dropout_p), return_lse)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out

@@ -4,16 +4,16 @@ Ops (one schema each):
   bigkernels::conv / conv_backward                     C++ CPU kernels (csrc/ops.cpp, csrc/cpu/conv.cpp)
   bigkernels::conv_triton / conv_backward_triton       Triton kernels (bigkernels/triton/conv.py)
 This module validates the arguments once, turns torch's padding forms ("same", "valid", ints) into
-the ops' symmetric padding, picks the backend once (bigkernels/_backend.py) and the kernel
-(`_pick_op`), and registers the fake implementations and the autograd formula of every op.
+the ops' symmetric padding, declares the candidates the chooser picks from (bigkernels/_chooser.py:
+our kernels, torch's conv2d + epilogue; `_heuristic` is the static rule), and registers the fake implementations and the autograd formula of every op.
 
 Layouts: NCHW-contiguous and channels_last inputs are both fast; the output takes the input's layout
 (`output_memory_format`). Other strides work but cost a copy inside the kernel. On the CPU, 1x1
 layers run the GEMM core in either layout; NCHW float32 3x3 stride-1 layers of 32-512 channels with
 14-112 px outputs run Winograd F(2x2, 3x3) (their input gradient too; transformed weights cached);
 other dense layers take oneDNN's fused primitive (as fast as stock there) or at::convolution + one
-pass; NCHW depthwise layers run the direct kernel (csrc/cpu/conv.cpp and _pick_op say where and
-why). No call converts the layout for you: convert the model once (model.to(memory_format=...)) if
+pass; NCHW depthwise layers run the direct kernel (csrc/cpu/conv.cpp and _heuristic say where and
+why; with tuning on, measured on this machine instead). No call converts the layout for you: convert the model once (model.to(memory_format=...)) if
 you want the other one.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bigkernels import _backend, _extension, reference
+from bigkernels._chooser import Candidate, Chooser, size_bucket
 from bigkernels.ops._checks import check_floating, check_like, check_tensor
 
 OP = "conv"
@@ -280,7 +281,6 @@ def _resolve_padding(input: Tensor, weight: Tensor, padding, stride, dilation) -
 
 
 # ----------------------------------------------------------------------------------- kernel choice
-ConvRunner = Callable[..., tuple[Tensor, Tensor]]
 
 
 def _is_depthwise(input: Tensor, weight: Tensor, groups: int) -> bool:
@@ -294,24 +294,17 @@ def _is_depthwise(input: Tensor, weight: Tensor, groups: int) -> bool:
 # is the fastest everywhere (N=1..8, C=64..256, 14..56 px, 3x3 and 7x7: 0.25 vs 1.18 ms for oneDNN at
 # 1x96x56x56 7x7); channels_last input, it ties oneDNN at batch 1 but loses at batch 4-8 with 7x7
 # (1.13 vs 0.62 ms). Training takes the direct kernel (its backward: 1.6-2.9x faster fwd+bwd at 7x7).
-# So channels_last inference with kernels larger than this stays on the conv op.
+# So channels_last inference with kernels larger than this stays on the conv op (static heuristic;
+# the chooser measures both where tuning is on).
 CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL = 5
 
-
-def _depthwise_runner(input, weight, bias, residual, stride, padding, dilation, groups, activation,
-                      negative_slope, need_preactivation):
-    """The conv schema's signature on the conv_depthwise op (which has no `groups`)."""
-    return torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding, dilation,
-                                                       activation, negative_slope, need_preactivation)
-
-
 # CPU layers with nothing to fuse (no activation, no residual) that the C++ op would hand to
-# at::convolution anyway go to torch's conv2d directly: the op would add only its fixed cost, which
-# on a small layer is a visible share (SmallCNN's 8 -> 8 3x3 16x16 batch 8 training forward, fp32,
-# 2 threads: ~10 us per call, ~220 vs ~200 us for its three convs). The op keeps the layers where
-# its own cores may run: 1x1 layers (the GEMM core), 3x3 layers of >= 32 input and output channels
-# (Winograd; this mirrors kWinogradMinChannels in csrc/cpu/conv.cpp prefer_winograd: keep them equal)
-# and depthwise layers (the direct kernel).
+# at::convolution anyway go to torch's conv2d (the stock candidate) in the static heuristic: the op
+# would add only its fixed cost, which on a small layer is a visible share (SmallCNN's 8 -> 8 3x3
+# 16x16 batch 8 training forward, fp32, 2 threads: ~10 us per call, ~220 vs ~200 us for its three
+# convs). The op keeps the layers where its own cores may run: 1x1 layers (the GEMM core), 3x3
+# layers of >= 32 input and output channels (Winograd; this mirrors kWinogradMinChannels in
+# csrc/cpu/conv.cpp prefer_winograd: keep them equal) and depthwise layers (the direct kernel).
 CPU_OWN_CORE_MIN_CHANNELS_3X3 = 32
 
 
@@ -324,31 +317,95 @@ def _torch_conv_suffices(weight: Tensor, groups: int, activation: str, residual:
     return not (kh == 3 and kw == 3 and min(weight.shape[0], weight.shape[1]) >= CPU_OWN_CORE_MIN_CHANNELS_3X3)
 
 
-def _torch_conv_runner(input, weight, bias, residual, stride, padding, dilation, groups, activation,
-                       negative_slope, need_preactivation):
-    """The conv schema's signature on torch's conv2d (for the calls _torch_conv_suffices names)."""
-    return F.conv2d(input, weight, bias, stride, padding, dilation, groups), None
+def _need_preactivation(input, weight, bias, residual) -> bool:
+    return torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad))
 
 
-def _pick_op(backend: str, input: Tensor, weight: Tensor, groups: int, training: bool) -> ConvRunner:
-    """The ONE place that decides which kernel runs a (validated) call on `backend` ("cpu", "cuda" or
-    "triton"). Returns a callable with the conv schema: (input, weight, bias, residual, stride,
-    padding, dilation, groups, activation, negative_slope, need_preactivation) -> (output, preactivation).
-    Depthwise calls go to the direct conv_depthwise kernels (CUDA always; CPU per the measured rule above)."""
-    if backend == "triton":
-        return torch.ops.bigkernels.conv_triton.default
-    depthwise = _is_depthwise(input, weight, groups)
-    if backend == "cuda":
-        if depthwise:
-            return _depthwise_runner
-        raise _backend.BackendUnavailable(
-            "bigkernels backend 'cuda' cannot run conv: the CUDA C++ kernel covers depthwise convolutions only; "
-            "use the 'triton' backend"
-        )
-    if depthwise and (training or output_memory_format(input) != torch.channels_last
-                      or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL):
-        return _depthwise_runner
-    return torch.ops.bigkernels.conv.default
+# Candidates: every one takes the call (input, weight, bias, residual, stride, padding, dilation,
+# groups, activation, negative_slope), normalised and validated, and returns the output.
+def _cpu_conv(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    need = _need_preactivation(input, weight, bias, residual)
+    out = _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope, need)
+    if out is None:  # __torch_function__ somewhere: torch.ops honours it
+        out = torch.ops.bigkernels.conv.default(input, weight, bias, residual, stride, padding, dilation, groups,
+                                                activation, negative_slope, need)[0]
+    return out
+
+
+def _cpu_depthwise(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    need = _need_preactivation(input, weight, bias, residual)
+    out = _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope,
+                              need)
+    if out is None:
+        out = torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding, dilation,
+                                                          activation, negative_slope, need)[0]
+    return out
+
+
+def _cuda_depthwise(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    need = _need_preactivation(input, weight, bias, residual)
+    return torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding, dilation,
+                                                       activation, negative_slope, need)[0]
+
+
+def _triton_conv(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    need = _need_preactivation(input, weight, bias, residual)
+    return torch.ops.bigkernels.conv_triton.default(input, weight, bias, residual, stride, padding, dilation, groups,
+                                                    activation, negative_slope, need)[0]
+
+
+def _stock(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    """torch's conv2d, + residual, then the activation: what the layer costs without us (the
+    reference's maths, which is exactly that composition)."""
+    return reference.conv2d(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope, residual)
+
+
+def _reference(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    _check_arguments(input, weight, bias, residual, stride, padding, dilation, groups, activation)
+    return reference.conv2d(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope, residual)
+
+
+def _depthwise_only(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    return None if _is_depthwise(input, weight, groups) else "the direct kernels take depthwise calls (groups = C = K) only"
+
+
+def _heuristic(eligible, call):
+    """The static choice (tuning off, forced backend, untuned trace): the rules measured on the Xeon."""
+    names = {c.name: c for c in eligible}
+    input, weight, bias, residual, _, _, _, groups, activation, _ = call
+    if "cpu.depthwise" in names and (_need_preactivation(input, weight, bias, residual)
+                                     or output_memory_format(input) != torch.channels_last
+                                     or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL):
+        return names["cpu.depthwise"]
+    if "cpu" in names:
+        if "stock" in names and _torch_conv_suffices(weight, groups, activation, residual):
+            return names["stock"]
+        return names["cpu"]
+    for name in ("cuda.depthwise", "triton", "cpu.depthwise"):
+        if name in names:
+            return names[name]
+    return eligible[0]
+
+
+def _signature(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope) -> tuple:
+    return (input.shape, input.stride(), input.dtype, weight.shape, weight.dtype, bias is None, residual is None,
+            tuple(stride), tuple(padding), tuple(dilation), groups, activation, negative_slope)
+
+
+def _bucket(sig: tuple) -> tuple:
+    shape, strides = sig[0], sig[1]
+    channels_last = len(shape) == 4 and strides[1] == 1 and shape[1] > 1
+    return ((size_bucket(shape[0]),) + tuple(shape[1:2]) + tuple(size_bucket(n) for n in shape[2:])
+            + (channels_last,) + sig[2:])
+
+
+def _check_call(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
+    check_tensor(weight, "weight")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels / groups, kH, kW), got {weight.dim()}-D")
+    _check_arguments(input, weight, bias, residual, stride, padding, dilation, groups, activation)
 
 
 def _autocast(device_type: str, tensors: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
@@ -400,39 +457,32 @@ def _cpu_fast_path(input: Tensor) -> bool:
 
 
 def _run_cpu(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope) -> Tensor:
-    """The kernel choice of _pick_op for the CPU backend, inline (normalised arguments)."""
+    """A CPU call with normalised arguments, through the chooser (the kernel entries above)."""
+    call = (input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope)
     try:
-        if _torch_conv_suffices(weight, groups, activation, residual):
-            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        need_preactivation = torch.is_grad_enabled() and (
-            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-            or (residual is not None and residual.requires_grad)
-        )
-        if groups != 1 and _is_depthwise(input, weight, groups) and (
-                need_preactivation or output_memory_format(input) != torch.channels_last
-                or max(weight.shape[2:]) <= CPU_DEPTHWISE_MAX_CHANNELS_LAST_INFERENCE_KERNEL):
-            out = _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation,
-                                      negative_slope, need_preactivation)
-            if out is None:  # __torch_function__ somewhere: torch.ops honours it
-                out = torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding,
-                                                                  dilation, activation, negative_slope,
-                                                                  need_preactivation)[0]
-            return out
-        out = _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
-                        need_preactivation)
-        if out is None:
-            out = torch.ops.bigkernels.conv.default(input, weight, bias, residual, stride, padding, dilation, groups,
-                                                    activation, negative_slope, need_preactivation)[0]
-        return out
+        return CHOOSER.pick(input.device, call, _need_preactivation(input, weight, bias, residual)).run(*call)
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
         # Raises the precise error when the arguments are at fault (weight/bias of a wrong type
         # fail above with an AttributeError or IndexError first).
-        check_tensor(weight, "weight")
-        if weight.dim() != 4:
-            raise ValueError(f"weight must be 4-D (out_channels, in_channels / groups, kH, kW), "
-                             f"got {weight.dim()}-D") from None
-        _check_arguments(input, weight, bias, residual, stride, padding, dilation, groups, activation)
+        _check_call(*call)
         raise
+
+
+CHOOSER = Chooser(
+    OP,
+    [
+        Candidate("cpu.depthwise", "cpu", _cpu_depthwise, _depthwise_only, kernel_op="conv_depthwise"),
+        Candidate("cpu", "cpu", _cpu_conv),
+        Candidate("cuda.depthwise", "cuda", _cuda_depthwise, _depthwise_only, kernel_op="conv_depthwise"),
+        Candidate("triton", "triton", _triton_conv),
+        Candidate("stock", "stock", _stock),
+        Candidate("reference", "reference", _reference),
+    ],
+    signature=_signature,
+    bucket=_bucket,
+    heuristic=_heuristic,
+    check=_check_call,
+)
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -490,29 +540,15 @@ def conv2d(
         input, weight, bias, residual = _autocast(input.device.type, (input, weight, bias, residual))
     args = (input, weight, bias, residual, stride_, padding_, dilation_, groups, act)
 
-    # Depthwise calls resolve as their own op: on CUDA the direct CUDA kernel is preferred to Triton.
-    backend = _backend.resolve("conv_depthwise" if _is_depthwise(input, weight, groups) else OP, input.device)
-    # The C++ kernel checks its arguments itself (cheaply): on its happy path the Python checks run
-    # only after it refused a call, to turn its error into the precise one (~20 us saved per call).
-    # The reference (which would broadcast through bad shapes), Triton, and traced code (free at run
-    # time) always run them first.
-    if backend != "cpu" or torch.compiler.is_compiling():
-        _check_arguments(*args)
-    if backend == "reference":
-        out = reference.conv2d(input, weight, bias, stride_, padding_, dilation_, groups, act, negative_slope,
-                               residual)
-    else:
-        need_preactivation = torch.is_grad_enabled() and (
-            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-            or (residual is not None and residual.requires_grad)
-        )
-        run = _pick_op(backend, input, weight, groups, training=need_preactivation)
-        try:
-            out, _ = run(input, weight, bias, residual, list(stride_), list(padding_), list(dilation_), groups, act,
-                         float(negative_slope), need_preactivation)
-        except (RuntimeError, TypeError, ValueError):
-            _check_arguments(*args)  # raises the precise error when the arguments are at fault
-            raise
+    if input.device.type != "cpu" or torch.compiler.is_compiling():
+        _check_arguments(*args)  # the CPU kernels check for themselves; see _run_cpu
+    call = (input, weight, bias, residual, list(stride_), list(padding_), list(dilation_), groups, act,
+            float(negative_slope))
+    try:
+        out = CHOOSER.pick(input.device, call, _need_preactivation(input, weight, bias, residual)).run(*call)
+    except (RuntimeError, TypeError, ValueError):
+        _check_arguments(*args)  # raises the precise error when the arguments are at fault
+        raise
     return out.squeeze(0) if unbatched else out
 
 

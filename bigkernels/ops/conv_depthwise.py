@@ -4,9 +4,9 @@ fused epilogue act(conv + bias + residual).
 Ops (one schema each, csrc/ops.cpp):
   bigkernels::conv_depthwise / conv_depthwise_backward    direct C++ CPU kernels (csrc/cpu/conv_depthwise.cpp)
                                                           and CUDA kernels (csrc/cuda/conv_depthwise.cu)
-This module validates the arguments, picks the backend once (bigkernels/_backend.py: CPU tensors -> C++,
-CUDA tensors -> the CUDA kernels, or the reference), and registers the fake implementations and the
-autograd formula. The public conv2d dispatcher (bigkernels/ops/conv.py) sends depthwise calls here.
+This module validates the arguments, declares the candidates the chooser picks from (bigkernels/_chooser.py:
+the C++ or CUDA kernels, and torch's grouped conv2d + epilogue), and registers the fake implementations and
+the autograd formula. The public conv2d (bigkernels/ops/conv.py) runs the same kernels as its own candidates.
 
 Fast layouts: both NCHW-contiguous and channels_last inputs run without conversion; the output (and
 every gradient) has the input's memory format. Any other strides cost one copy to NCHW.
@@ -18,7 +18,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from bigkernels import _backend, _extension, reference
+from bigkernels import _extension, reference
+from bigkernels._chooser import Candidate, Chooser
 from bigkernels.ops._checks import check_floating, check_like, check_tensor
 # The general conv op and this one share the activation names, the layout rule and act's needs.
 from bigkernels.ops.conv import ACTIVATIONS, grad_needs_preactivation
@@ -170,25 +171,54 @@ def conv_depthwise(
         dtype = torch.get_autocast_dtype("cuda")
         input, weight, bias, residual = (t.to(dtype) if t is not None else None for t in (input, weight, bias, residual))
     args = (input, weight, bias, residual, stride, padding, dilation, activation, negative_slope)
-    backend = _backend.resolve(OP, input.device)
-    if backend == "reference" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         _check_arguments(*args)
     try:
         stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     except (TypeError, ValueError):
         _check_arguments(*args)
         raise
-    if backend == "reference":
-        return reference.conv2d(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), input.shape[1],
-                                activation, negative_slope, residual)
-    need_preactivation = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias, residual)
-    )
+    call = (input, weight, bias, residual, stride, padding, dilation, activation, float(negative_slope))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
     try:
-        out, _ = torch.ops.bigkernels.conv_depthwise.default(
-            input, weight, bias, residual, stride, padding, dilation, activation, float(negative_slope), need_preactivation
-        )
+        return CHOOSER.pick(input.device, call, grad).run(*call)
     except (RuntimeError, TypeError, ValueError):
         _check_arguments(*args)  # raises the precise error when the arguments are at fault
         raise
-    return out
+
+
+# ------------------------------------------------------------------------------------ candidates
+def _own_kernel(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope):
+    need_preactivation = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    return torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding, dilation,
+                                                       activation, negative_slope, need_preactivation)[0]
+
+
+def _stock(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope):
+    """torch's grouped conv2d + residual + activation (the reference's composition)."""
+    return reference.conv2d(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), input.shape[1],
+                            activation, negative_slope, residual)
+
+
+def _reference(*call):
+    _check_arguments(*call)
+    return _stock(*call)
+
+
+def _signature(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope) -> tuple:
+    return (input.shape, input.stride(), input.dtype, weight.shape, bias is None, residual is None, tuple(stride),
+            tuple(padding), tuple(dilation), activation, negative_slope)
+
+
+CHOOSER = Chooser(
+    OP,
+    [
+        Candidate("cpu", "cpu", _own_kernel),
+        Candidate("cuda", "cuda", _own_kernel),
+        Candidate("stock", "stock", _stock),
+        Candidate("reference", "reference", _reference),
+    ],
+    signature=_signature,
+    check=_check_arguments,
+)

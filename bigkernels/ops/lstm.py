@@ -10,12 +10,14 @@ implementations and (for the Triton op) the autograd formula; the C++ op's autog
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from bigkernels import _backend, _extension, reference
+from bigkernels import _extension, reference
+from bigkernels._chooser import Candidate, Chooser, size_bucket
 from bigkernels.ops._checks import check_floating, check_like, check_shape, check_tensor
 from bigkernels.ops._dispatch import autocast_args, call_checked, needs_workspace
 
@@ -30,7 +32,7 @@ def _sizes(input, batch_sizes, h0, c0, w_hh, w_hr):
     return hidden, proj, rows
 
 
-def _fake_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, need_workspace):
+def _fake_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, need_workspace, path=0):
     # Shapes only: a fake batch_sizes has no values, and the outputs' shapes do not depend on them.
     _check_arguments(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, check_values=False)
     hidden, proj, rows = _sizes(input, batch_sizes, h0, c0, w_hh, w_hr)
@@ -44,7 +46,7 @@ def _fake_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reve
 
 
 def _fake_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse,
-                   output, gates, cells, output_mask):
+                   output, gates, cells, output_mask, path=0):
     need_input, need_weights, need_bias = output_mask
 
     def grad_like(t: Tensor, needed: bool) -> Tensor:
@@ -238,13 +240,103 @@ def lstm_layer(
     # Stock nn.LSTM runs in the autocast dtype on both devices (cuDNN's and oneDNN's RNN ops are on
     # autocast's lower-precision lists); unlike the cell, which stays float32 on CPU.
     args = autocast_args((input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), input.device, ("cuda", "cpu"))
-    input = args[0]
-    backend = _backend.resolve(OP, input.device)
-    if backend == "reference":
-        _check_arguments(*args)
-        return reference.lstm_layer(*args, reverse)
+    call = (*args, bool(reverse))
     if torch.compiler.is_compiling():
         _check_arguments(*args, check_values=False)
-    op = torch.ops.bigkernels.lstm_triton.default if backend == "triton" else torch.ops.bigkernels.lstm.default
-    output, h_n, c_n, _, _ = call_checked(op, (*args, reverse, needs_workspace(args)), _check_arguments, args)
-    return output, h_n, c_n
+    return CHOOSER.pick(args[0].device, call, needs_workspace(args)).run(*call)
+
+
+# ------------------------------------------------------------------------------------ candidates
+# Every way to run a call, in order of preference when nothing was measured (BIGKERNELS_TUNE=off,
+# a forced backend, an untuned trace): bigkernels/_chooser.py picks among them.
+def _own_kernel(op, path: Optional[int] = None):
+    def run(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+        args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        extra = (path,) if path is not None else ()
+        output, h_n, c_n, _, _ = call_checked(op, (*args, reverse, needs_workspace(args), *extra), _check_arguments, args)
+        return output, h_n, c_n
+
+    return run
+
+
+def _stock(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """torch's own LSTM kernel (oneDNN on CPU, cuDNN on CUDA) for this one layer and direction. The
+    reverse direction of padded input runs on the time-flipped sequence."""
+    params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else []) + ([w_hr] if w_hr is not None else [])
+    hx = (h0.unsqueeze(0), c0.unsqueeze(0))
+    train = needs_workspace((input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    if batch_sizes is not None:
+        output, h_n, c_n = torch.lstm(input, batch_sizes, hx, params, b_ih is not None, 1, 0.0, train, False)
+    else:
+        x = input.flip(0) if reverse else input
+        output, h_n, c_n = torch.lstm(x, hx, params, b_ih is not None, 1, 0.0, train, False, False)
+        if reverse:
+            output = output.flip(0)
+    return output, h_n[0], c_n[0]
+
+
+def _reference(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    _check_arguments(*args)
+    return reference.lstm_layer(*args, reverse)
+
+
+def _forced_cpu_path() -> Optional[str]:
+    """BIGKERNELS_LSTM_CPU_PATH=fused|generic (tests, benchmarks) pins our CPU path, read per call."""
+    return os.environ.get("BIGKERNELS_LSTM_CPU_PATH") or None
+
+
+def _fused_supports(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> Optional[str]:
+    if _forced_cpu_path() not in (None, "fused"):
+        return f"BIGKERNELS_LSTM_CPU_PATH={_forced_cpu_path()}"
+    if input.dtype != torch.float32 or w_hr is not None or c0.dim() != 2 or 0 in c0.shape:
+        return "the fused recurrence takes float32 without projection and a non-empty state"
+    return None
+
+
+def _generic_supports(*args) -> Optional[str]:
+    return f"BIGKERNELS_LSTM_CPU_PATH={_forced_cpu_path()}" if _forced_cpu_path() not in (None, "generic") else None
+
+
+def _stock_supports(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> Optional[str]:
+    if _forced_cpu_path() is not None:
+        return f"BIGKERNELS_LSTM_CPU_PATH={_forced_cpu_path()} pins our kernel"
+    if batch_sizes is not None and reverse:
+        return "torch's packed LSTM runs the reverse direction only inside a bidirectional call"
+    if input.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return f"unsupported dtype {input.dtype}"
+    return None
+
+
+def _signature(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> tuple:
+    return (tuple(input.shape), input.dtype, batch_sizes is None, tuple(c0.shape), tuple(h0.shape), tuple(w_ih.shape),
+            w_ih.dtype, tuple(w_hh.shape), b_ih is None, None if w_hr is None else tuple(w_hr.shape), reverse,
+            _forced_cpu_path())
+
+
+def _bucket(sig: tuple) -> tuple:
+    """Sequence length and batch in buckets (sizes between them choose alike); widths exact."""
+    shape, dtype, padded, c0_shape, _, _, _, _, no_bias, w_hr_shape, reverse, forced_path = sig
+    steps = shape[0] if padded else 0
+    batch = c0_shape[0] if len(c0_shape) == 2 else 0
+    hidden = c0_shape[-1] if c0_shape else 0
+    return (size_bucket(steps), size_bucket(batch), shape[-1], hidden, w_hr_shape, dtype, padded, no_bias, reverse,
+            forced_path)
+
+
+_TORCH_LSTM = torch.ops.bigkernels.lstm.default if _extension.AVAILABLE else None
+CHOOSER = Chooser(
+    OP,
+    [
+        Candidate("cpu", "cpu", _own_kernel(_TORCH_LSTM, 0), tuned=False),  # C++'s static path choice
+        Candidate("cpu.fused", "cpu", _own_kernel(_TORCH_LSTM, 1), _fused_supports),
+        Candidate("cpu.generic", "cpu", _own_kernel(_TORCH_LSTM, 2), _generic_supports),
+        Candidate("cuda", "cuda", _own_kernel(_TORCH_LSTM)),
+        Candidate("triton", "triton", _own_kernel(torch.ops.bigkernels.lstm_triton.default)),
+        Candidate("stock", "stock", _stock, _stock_supports),
+        Candidate("reference", "reference", _reference),
+    ],
+    signature=_signature,
+    bucket=_bucket,
+    check=lambda *call: _check_arguments(*call[:-1]),
+)

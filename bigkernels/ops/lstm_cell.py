@@ -3,7 +3,8 @@
 Ops (one schema each):
   bigkernels::lstm_cell / lstm_cell_backward                 C++ CPU and CUDA kernels (csrc/ops.cpp)
   bigkernels::lstm_cell_triton / lstm_cell_backward_triton    Triton kernels (bigkernels/triton/lstm_cell.py)
-This module validates the arguments once, picks the backend once (bigkernels/_backend.py), handles
+This module validates the arguments once, declares the candidates the chooser picks from
+(bigkernels/_chooser.py: our kernels and torch.lstm_cell, measured on this machine), handles
 unbatched input and autocast, and registers the fake implementations and the autograd formula.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from bigkernels import _backend, _extension, reference
+from bigkernels import _extension, reference
+from bigkernels._chooser import Candidate, Chooser, size_bucket
 from bigkernels.ops._checks import check_floating, check_like, check_shape, check_tensor
 from bigkernels.ops._dispatch import autocast_args, call_checked, needs_workspace
 
@@ -206,19 +208,57 @@ def lstm_cell(
     # in the autocast dtype; on CPU it returns the input dtype (only its inner linear calls drop to
     # bfloat16), so ours keeps the input dtype there, GEMMs included: at least as accurate.
     args = autocast_args((input, h, c, w_ih, w_hh, b_ih, b_hh), input.device, ("cuda",))
-    input, h, c, w_ih, w_hh, b_ih, b_hh = args
-    backend = _backend.resolve(OP, input.device)
-    if backend == "reference" or torch.compiler.is_compiling():
+    unbatched = args[0].dim() == 1
+    if torch.compiler.is_compiling() or unbatched:  # checked as given: the chooser sees 2-D states
         _check_arguments(*args)
-
-    unbatched = input.dim() == 1
     if unbatched:
-        input, h, c = input.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
-    if backend == "reference":
-        hy, cy = reference.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
-    else:
-        op = torch.ops.bigkernels.lstm_cell_triton.default if backend == "triton" else torch.ops.bigkernels.lstm_cell.default
-        hy, cy, _ = call_checked(op, (input, h, c, w_ih, w_hh, b_ih, b_hh, needs_workspace(args)), _check_arguments, args)
+        args = (args[0].unsqueeze(0), args[1].unsqueeze(0), args[2].unsqueeze(0), *args[3:])
+    hy, cy = CHOOSER.pick(args[0].device, args, needs_workspace(args)).run(*args)
     if unbatched:
         hy, cy = hy.squeeze(0), cy.squeeze(0)
     return hy, cy
+
+
+# ------------------------------------------------------------------------------------ candidates
+# In order of preference when nothing was measured (bigkernels/_chooser.py picks among them).
+def _own_kernel(op):
+    def run(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        args = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        hy, cy, _ = call_checked(op, (*args, needs_workspace(args)), _check_arguments, args)
+        return hy, cy
+
+    return run
+
+
+def _reference(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    _check_arguments(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return reference.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _stock(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    return torch.lstm_cell(input, (hx, cx), w_ih, w_hh, b_ih, b_hh)
+
+
+def _signature(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> tuple:
+    # torch.Size is a tuple: hashable as it is. Kept short: this runs on every call (~20 us at batch 1).
+    return input.shape, input.dtype, hx.shape, cx.shape, w_ih.shape, w_hh.shape, w_ih.dtype, b_ih is None
+
+
+def _bucket(sig: tuple) -> tuple:
+    input_shape, dtype, _, _, w_ih_shape, w_hh_shape, _, no_bias = sig
+    return (size_bucket(input_shape[0]), input_shape[-1], w_hh_shape[-1], dtype, no_bias)
+
+
+CHOOSER = Chooser(
+    OP,
+    [
+        Candidate("cpu", "cpu", _own_kernel(torch.ops.bigkernels.lstm_cell.default if _extension.AVAILABLE else None)),
+        Candidate("cuda", "cuda", _own_kernel(torch.ops.bigkernels.lstm_cell.default if _extension.AVAILABLE else None)),
+        Candidate("triton", "triton", _own_kernel(torch.ops.bigkernels.lstm_cell_triton.default)),
+        Candidate("stock", "stock", _stock),
+        Candidate("reference", "reference", _reference),
+    ],
+    signature=_signature,
+    bucket=_bucket,
+    check=_check_arguments,
+)

@@ -31,7 +31,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from bigkernels import _backend, _extension, reference
+from bigkernels import _extension, reference
+from bigkernels._chooser import Candidate, Chooser
 from bigkernels.ops._checks import check_like, check_shape, check_tensor
 from bigkernels.ops._dispatch import autocast_args, needs_workspace
 from bigkernels.ops.lstm import _check_arguments as _check_lstm_arguments
@@ -243,13 +244,48 @@ def lstm_layer_ext(
         if zoneout_hidden > 0:
             hidden_mask = _keep_mask(rows, h0.shape[-1], zoneout_hidden, input)
         zoneout_cell = zoneout_hidden = 0.0
-    backend = _backend.resolve(OP, input.device)
-    if backend == "reference":
-        return reference.lstm_layer_ext(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, layer_norm,
-                                        zoneout_cell, zoneout_hidden, cell_mask, hidden_mask)
-    # "cuda" has no kernel of its own for these options: the Triton op is the GPU path.
-    op = torch.ops.bigkernels.lstm_ext.default if backend == "cpu" else torch.ops.bigkernels.lstm_ext_triton.default
+    # Flat, so that the chooser sees (and detaches, and validates in float64) every tensor.
     ln = tuple(layer_norm) if layer_norm is not None else (None,) * 6
-    output, h_n, c_n, _, _, _ = op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, cell_mask,
-                                   hidden_mask, zoneout_cell, zoneout_hidden, reverse, needs_workspace(args))
+    call = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, *ln, zoneout_cell, zoneout_hidden,
+            cell_mask, hidden_mask)
+    output, h_n, c_n = CHOOSER.pick(input.device, call, needs_workspace(args)).run(*call)
     return output, h_n, c_n
+
+
+# ------------------------------------------------------------------------------------ candidates
+# No stock op has these options: the GPU kernel is validated against the reference instead
+# (bigkernels/_chooser.py), and there is nothing to race on the CPU.
+def _own_kernel(op):
+    def run(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, *rest):
+        *ln, zoneout_cell, zoneout_hidden, cell_mask, hidden_mask = rest
+        args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln)
+        output, h_n, c_n, _, _, _ = op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, cell_mask,
+                                       hidden_mask, zoneout_cell, zoneout_hidden, reverse, needs_workspace(args))
+        return output, h_n, c_n
+
+    return run
+
+
+def _reference(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, *rest):
+    *ln, zoneout_cell, zoneout_hidden, cell_mask, hidden_mask = rest
+    layer_norm = tuple(ln) if ln[0] is not None else None
+    return reference.lstm_layer_ext(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, layer_norm,
+                                    zoneout_cell, zoneout_hidden, cell_mask, hidden_mask)
+
+
+def _signature(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, *rest) -> tuple:
+    *ln, zoneout_cell, zoneout_hidden, cell_mask, hidden_mask = rest
+    return (input.shape, input.dtype, batch_sizes is None, c0.shape, h0.shape, w_ih.shape, b_ih is None,
+            None if w_hr is None else w_hr.shape, reverse, ln[0] is None, zoneout_cell, zoneout_hidden,
+            cell_mask is None, hidden_mask is None)
+
+
+CHOOSER = Chooser(
+    OP,
+    [
+        Candidate("cpu", "cpu", _own_kernel(torch.ops.bigkernels.lstm_ext.default if _extension.AVAILABLE else None)),
+        Candidate("triton", "triton", _own_kernel(torch.ops.bigkernels.lstm_ext_triton.default)),
+        Candidate("reference", "reference", _reference),
+    ],
+    signature=_signature,
+)

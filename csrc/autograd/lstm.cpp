@@ -15,11 +15,11 @@ using torch::autograd::variable_list;
 
 using ForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, bool, bool);
+    const OptTensor&, const OptTensor&, const OptTensor&, bool, bool, int64_t);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, const Tensor&,
-    const Tensor&, const Tensor&, std::array<bool, 3>);
+    const Tensor&, const Tensor&, std::array<bool, 3>, int64_t);
 
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op =
@@ -42,13 +42,14 @@ class LstmFunction : public torch::autograd::Function<LstmFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& batch_sizes,
                                const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                               const OptTensor& w_hr, bool reverse, bool need_workspace) {
+                               const OptTensor& w_hr, bool reverse, bool need_workspace, int64_t path) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, gates, cells] = forward_op().call(
-        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, need_workspace);
+        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, need_workspace, path);
     ctx->save_for_backward({input, or_undefined(batch_sizes), h0, c0, w_ih, w_hh, or_undefined(b_ih),
                             or_undefined(b_hh), or_undefined(w_hr), output, gates, cells});
     ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["path"] = path;  // the chooser's path holds for the backward too
     ctx->mark_non_differentiable({gates, cells});
     return {output, h_n, c_n, gates, cells};
   }
@@ -67,7 +68,8 @@ class LstmFunction : public torch::autograd::Function<LstmFunction> {
       // The forward ran as inference (need_workspace=false) yet is differentiated, e.g. a direct
       // op call: recompute the workspace rather than fail.
       std::tie(output, std::ignore, std::ignore, gates, cells) =
-          forward_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, true);
+          forward_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, true,
+                            ctx->saved_data["path"].toInt());
     }
     // needs_input_grad counts only the tensor arguments that were present, in order.
     int64_t edge = 0;
@@ -84,21 +86,21 @@ class LstmFunction : public torch::autograd::Function<LstmFunction> {
     auto [g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr] = backward_op().call(
         or_zeros(grads[0], output), or_zeros(grads[1], h0), or_zeros(grads[2], c0), input,
         batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, output, gates, cells,
-        {need_input, need_weights, need_bias});
+        {need_input, need_weights, need_bias}, ctx->saved_data["path"].toInt());
     // One entry per forward argument; undefined means "no gradient".
     return {need_input ? g_input : Tensor(), Tensor(),
             need_h0 ? g_h0 : Tensor(),       need_c0 ? g_c0 : Tensor(),
             need_w_ih ? g_w_ih : Tensor(),   need_w_hh ? g_w_hh : Tensor(),
             need_b_ih ? g_bias : Tensor(),   need_b_hh ? g_bias : Tensor(),
             need_w_hr ? g_w_hr : Tensor(),   Tensor(),
-            Tensor()};
+            Tensor(),                        Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_autograd(
     const Tensor& input, const OptTensor& batch_sizes, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-    const OptTensor& w_hr, bool reverse, bool need_workspace) {
+    const OptTensor& w_hr, bool reverse, bool need_workspace, int64_t path) {
   const bool any_requires_grad =
       input.requires_grad() || h0.requires_grad() || c0.requires_grad() || w_ih.requires_grad() ||
       w_hh.requires_grad() || (b_ih.has_value() && b_ih->requires_grad()) ||
@@ -106,10 +108,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_autograd(
   if (!at::GradMode::is_enabled() || !any_requires_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // inference: no node to build
     return forward_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                             need_workspace);
+                             need_workspace, path);
   }
   auto out = LstmFunction::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                 need_workspace);
+                                 need_workspace, path);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

@@ -39,13 +39,28 @@ void check_cpu(const at::Tensor& input) {
               "bigkernels::lstm on CPU supports float32, float64 and bfloat16, got ", dt);
 }
 
+// The schema's path argument (csrc/ops.cpp): the Python chooser names a path, 0 leaves it to the
+// static heuristic. A forced fused path on a call the fused kernel cannot run is an error, not a
+// silent switch: the chooser only offers it where lstm_recurrent_supports() holds.
+bool takes_fused_path(int64_t path, const at::Tensor& input, const at::Tensor& c0,
+                      const std::optional<at::Tensor>& w_hr, bool backward) {
+  TORCH_CHECK_VALUE(path >= 0 && path <= 2, "bigkernels::lstm: path must be 0 (heuristic), 1 (fused) or 2 (generic), got ",
+                    path);
+  if (path == 0) return lstm_recurrent_applies(input, c0, w_hr, backward);
+  if (path == 2) return false;
+  TORCH_CHECK_VALUE(lstm_recurrent_supports(input, c0, w_hr),
+                    "bigkernels::lstm: path 1 (fused) needs float32 input without projection, got ",
+                    input.scalar_type(), w_hr.has_value() ? " with a projection" : "");
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace) {
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace, int64_t path) {
   check_cpu(input);
-  if (lstm_recurrent_applies(input, c0, w_hr, /*backward=*/false)) {
+  if (takes_fused_path(path, input, c0, w_hr, /*backward=*/false)) {
     return lstm_recurrent_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                                   need_workspace);
   }
@@ -60,9 +75,9 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                   const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
                   const at::Tensor& gates, const at::Tensor& cells,
-                  std::array<bool, 3> output_mask) {
+                  std::array<bool, 3> output_mask, int64_t path) {
   check_cpu(input);
-  if (lstm_recurrent_applies(input, c0, w_hr, /*backward=*/true)) {
+  if (takes_fused_path(path, input, c0, w_hr, /*backward=*/true)) {
     return lstm_recurrent_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                                    w_ih, w_hh, reverse, output, gates, cells, output_mask);
   }

@@ -631,11 +631,16 @@ bool splits_batch(int64_t batch, int64_t H, int64_t P, bool backward) {
 
 }  // namespace
 
+bool lstm_recurrent_supports(const at::Tensor& input, const at::Tensor& c0,
+                             const std::optional<at::Tensor>& w_hr) {
+  return input.scalar_type() == at::kFloat && !w_hr.has_value() && c0.dim() == 2 && c0.size(0) >= 1 &&
+         c0.size(1) >= 1;
+}
+
 bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
                             const std::optional<at::Tensor>& w_hr, bool backward) {
-  if (input.scalar_type() != at::kFloat || w_hr.has_value() || c0.dim() != 2) return false;
+  if (!lstm_recurrent_supports(input, c0, w_hr)) return false;
   const int64_t batch = c0.size(0), hidden = c0.size(1);
-  if (hidden < 1 || batch < 1) return false;
   // BIGKERNELS_LSTM_CPU_PATH=fused|generic forces a path (tests, benchmarks); read per call so
   // that a process can switch.
   if (const char* path = std::getenv("BIGKERNELS_LSTM_CPU_PATH")) {

@@ -15,11 +15,15 @@
 
 namespace bigkernels::cpu {
 
-// Whether the fused kernels take this call: float32, no projection, a CPU with AVX-512 (the only
+// Whether the fused kernels can run this call at all (float32, no projection, a 2-D c0 with at least
+// one row and unit); the measured chooser (bigkernels/ops/lstm.py) offers them only then.
+// Whether the static heuristic gives them this call (BIGKERNELS_TUNE=off, or untuned under torch.compile): float32, no projection, a CPU with AVX-512 (the only
 // one they were measured on), and sizes where they measured faster than the per-step GEMM path
 // (hidden <= 128, or batch <= 64 with a w_hh of at most 4 MiB). BIGKERNELS_LSTM_CPU_PATH=fused|generic overrides the choice
 // for any float32 call without projection (tests, benchmarks). Cheap; arguments are validated by
 // the kernels themselves.
+bool lstm_recurrent_supports(const at::Tensor& input, const at::Tensor& c0,
+                             const std::optional<at::Tensor>& w_hr);
 bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
                             const std::optional<at::Tensor>& w_hr, bool backward);
 

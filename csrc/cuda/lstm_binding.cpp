@@ -136,7 +136,8 @@ ForwardResult lstm_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace) {
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace,
+    int64_t /*path: the CPU recurrence's choice; CUDA has one path*/) {
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   if (persistent_requested()) {
@@ -156,7 +157,7 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
                    const at::Tensor& gates, const at::Tensor& cells,
-                   std::array<bool, 3> output_mask) {
+                   std::array<bool, 3> output_mask, int64_t /*path*/) {
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   return lstm_layer_backward<CudaPointwise>(grad_output, grad_h_n, grad_c_n, input, batch_sizes,
