@@ -443,7 +443,10 @@ def _trace_has_static_shapes() -> bool:
     try:
         context = torch._guards.TracingContext.try_get()
         shape_env = context.fake_mode.shape_env if context is not None and context.fake_mode is not None else None
-        return shape_env is None or not shape_env.var_to_val
+        if shape_env is None:
+            return True
+        symbols = getattr(shape_env, "backed_var_to_val", None)  # torch >= 2.13; var_to_val before
+        return not (symbols if symbols is not None else shape_env.var_to_val)
     except AttributeError:  # a torch whose tracing internals differ: do not risk a failed trace
         return False
 

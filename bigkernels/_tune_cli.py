@@ -33,6 +33,7 @@ def _select(argv: list[str]):
 
 def tune_main(argv: list[str]) -> int:
     from bigkernels.bench import cases as registry
+    from bigkernels.bench.models import OPTIMIZED
     from bigkernels.bench.providers import AUTO
     from bigkernels.bench.cli import UsageError
 
@@ -51,9 +52,10 @@ def tune_main(argv: list[str]) -> int:
     for case in selected:
         op = registry.get_op(case.op)
         providers, _ = op.providers(case, False)
-        auto = next((p for p in providers if p.name == AUTO), None)
+        # The automatic provider; for the end-to-end models, the optimized model (its layers tune).
+        auto = next((p for p in providers if p.name in (AUTO, OPTIMIZED)), None)
         if auto is None:
-            continue  # e.g. the end-to-end models, whose layers are tuned by their own op cases
+            continue
         try:
             step = auto.build(case, op.make_inputs(case))
             _chooser.last_choice.clear()

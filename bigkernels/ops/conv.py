@@ -327,7 +327,10 @@ def _need_preactivation(input, weight, bias, residual) -> bool:
 # groups, activation, negative_slope), normalised and validated, and returns the output.
 def _cpu_conv(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
     need = _need_preactivation(input, weight, bias, residual)
-    out = _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope, need)
+    out = None
+    if not torch.compiler.is_compiling():  # the direct entry is for eager calls; traces take torch.ops
+        out = _CPU_CONV(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                        need)
     if out is None:  # __torch_function__ somewhere: torch.ops honours it
         out = torch.ops.bigkernels.conv.default(input, weight, bias, residual, stride, padding, dilation, groups,
                                                 activation, negative_slope, need)[0]
@@ -336,8 +339,10 @@ def _cpu_conv(input, weight, bias, residual, stride, padding, dilation, groups, 
 
 def _cpu_depthwise(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
     need = _need_preactivation(input, weight, bias, residual)
-    out = _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope,
-                              need)
+    out = None
+    if not torch.compiler.is_compiling():
+        out = _CPU_CONV_DEPTHWISE(input, weight, bias, residual, stride, padding, dilation, activation,
+                                  negative_slope, need)
     if out is None:
         out = torch.ops.bigkernels.conv_depthwise.default(input, weight, bias, residual, stride, padding, dilation,
                                                           activation, negative_slope, need)[0]
