@@ -84,6 +84,15 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def has_cuda_kernel(op: str, namespace: str = "bigkernels") -> bool:
+    """Whether `namespace::op` has a kernel registered for CUDA tensors (csrc/cuda/*_binding.cpp), asked
+    of the dispatcher rather than a hand-kept list, so it cannot go stale."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", "CUDA")
+    except RuntimeError:  # no such operator (e.g. bigkernels._C not loaded)
+        return False
+
+
 def unavailable_reason(backend: str, op: str, device: torch.device) -> str | None:
     """Why `backend` cannot run `op` on `device`, or None if it can."""
     if backend == "reference":
@@ -99,6 +108,8 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> str | Non
             return _extension.UNAVAILABLE_REASON
         if not _extension.WITH_CUDA:
             return "bigkernels._C was built without CUDA kernels (CPU-only torch or no nvcc at build time)"
+        if not has_cuda_kernel(op):
+            return f"op {op} has no CUDA C++ kernel (use the triton backend, or none to choose automatically)"
         return None
     # triton
     if op not in GPU_PREFERENCE or "triton" not in GPU_PREFERENCE[op]:

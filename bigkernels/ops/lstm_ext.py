@@ -16,8 +16,9 @@ Ops (one schema each):
                                                           csrc/ops.cpp)
   bigkernels::lstm_ext_triton / lstm_ext_backward_triton  Triton (bigkernels/triton/lstm_ext.py):
                                                           the GPU path. There is no CUDA C++ kernel
-                                                          for these options: CUDA tensors (and the
-                                                          forced "cuda" backend) run the Triton op.
+                                                          for these options: CUDA tensors run the
+                                                          Triton op; a forced "cuda" backend is
+                                                          refused (BackendUnavailable says why).
 Autograd is registered here, in Python, for both forward ops: one formula, and the per-call Python
 cost (tens of microseconds) is small beside a whole-sequence call.
 
@@ -99,7 +100,14 @@ def lstm_ext_backward_triton(
     )
 
 
-lstm_ext_triton.register_fake(_fake_forward)
+@lstm_ext_triton.register_fake
+def _fake_forward_triton(*args, **kwargs):
+    from bigkernels.triton.lstm_ext import norms_dtype  # the Triton op keeps its LayerNorm statistics wider
+
+    *outputs, norms = _fake_forward(*args, **kwargs)
+    return (*outputs, norms.new_empty(norms.shape, dtype=norms_dtype(norms.dtype)))
+
+
 lstm_ext_backward_triton.register_fake(_fake_backward)
 
 
@@ -247,7 +255,6 @@ def lstm_layer_ext(
     if backend == "reference":
         return reference.lstm_layer_ext(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, layer_norm,
                                         zoneout_cell, zoneout_hidden, cell_mask, hidden_mask)
-    # "cuda" has no kernel of its own for these options: the Triton op is the GPU path.
     op = torch.ops.bigkernels.lstm_ext.default if backend == "cpu" else torch.ops.bigkernels.lstm_ext_triton.default
     ln = tuple(layer_norm) if layer_norm is not None else (None,) * 6
     output, h_n, c_n, _, _, _ = op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, cell_mask,

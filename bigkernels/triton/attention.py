@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bigkernels._backend import triton_interpreting
+from bigkernels.triton._launch import checked_grid, device_guard, fold, launches_on, unfold_pid
 
 # Read once, like triton.jit: the kernels below were built for the interpreter or not at import time.
 _INTERPRETED = triton_interpreting()
@@ -239,18 +240,20 @@ def _attention_forward_kernel(
     stride_lseb, stride_lseh,
     group_size, len_q, len_k,
     qk_scale, window_left, window_right, dropout_p, dropout_scale,
+    batch_programs, batch_chunks, batch_span,  # batch axis folded into x: _launch.fold
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m, pid_batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
     head = tl.program_id(1)
-    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(cu_q_ptr, cu_k_ptr, tl.program_id(2), len_q,
-                                                             len_k, IS_VARLEN)
+    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(
+        cu_q_ptr, cu_k_ptr, tl.minimum(pid_batch, batch_programs - 1), len_q, len_k, IS_VARLEN)
     first_row = pid_m * BLOCK_M
-    if first_row >= seq_q:  # the grid is sized for the longest sequence
+    # The grid is sized for the longest sequence, and the last batch chunk may run past the end.
+    if (first_row >= seq_q) | (pid_batch >= batch_programs):
         return
     # 64-bit offsets: batch * stride and row * stride can pass 2**31 elements.
     batch64 = batch.to(tl.int64)
@@ -317,14 +320,14 @@ def _attention_backward_delta_kernel(
     out_ptr, dout_ptr, delta_ptr,
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_db, stride_dh, stride_dl, stride_de,
-    num_heads, len_q, head_dim_v,
+    num_heads, len_q, head_dim_v, batch_size, batch_chunks, batch_span,
     BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in float32; delta is (B, H, L) contiguous."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
-    batch = tl.program_id(2)
-    row_in = rows < len_q
+    row_in = (rows < len_q) & (batch < batch_size)
     rows64 = rows.to(tl.int64)
     offs_ev = tl.arange(0, BLOCK_EV)
     mask = row_in[:, None] & (offs_ev < head_dim_v)[None, :]
@@ -400,6 +403,7 @@ def _attention_backward_dkdv_kernel(
     stride_dmb, stride_dmh, stride_dml, stride_dms,
     num_heads_q, group_size, len_q, len_k,
     scale, qk_scale, window_left, window_right, dropout_p, dropout_scale,
+    batch_programs, batch_chunks, batch_span,  # batch axis folded into x: _launch.fold
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -408,12 +412,12 @@ def _attention_backward_dkdv_kernel(
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Tiles are (keys, queries): this program's keys are the rows, so dK/dV accumulate without transposes.
-    pid_n = tl.program_id(0)
+    pid_n, pid_batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
     kv_head = tl.program_id(1)
-    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(cu_q_ptr, cu_k_ptr, tl.program_id(2), len_q,
-                                                             len_k, IS_VARLEN)
+    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(
+        cu_q_ptr, cu_k_ptr, tl.minimum(pid_batch, batch_programs - 1), len_q, len_k, IS_VARLEN)
     first_col = pid_n * BLOCK_N
-    if first_col >= seq_k:
+    if (first_col >= seq_k) | (pid_batch >= batch_programs):
         return
     batch64 = batch.to(tl.int64)
     kv_head64 = kv_head.to(tl.int64)
@@ -528,18 +532,19 @@ def _attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     num_heads_q, group_size, len_q, len_k,
     scale, qk_scale, window_left, window_right, dropout_p, dropout_scale,
+    batch_programs, batch_chunks, batch_span,  # batch axis folded into x: _launch.fold
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m, pid_batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
     head = tl.program_id(1)
-    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(cu_q_ptr, cu_k_ptr, tl.program_id(2), len_q,
-                                                             len_k, IS_VARLEN)
+    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(
+        cu_q_ptr, cu_k_ptr, tl.minimum(pid_batch, batch_programs - 1), len_q, len_k, IS_VARLEN)
     first_row = pid_m * BLOCK_M
-    if first_row >= seq_q:
+    if (first_row >= seq_q) | (pid_batch >= batch_programs):
         return
     batch64 = batch.to(tl.int64)
     head64 = head.to(tl.int64)
@@ -597,12 +602,14 @@ def _attention_backward_dq_kernel(
 
 
 @triton.jit
-def _dropout_keep_mask_kernel(seed_ptr, keep_ptr, num_heads, len_q, len_k, dropout_p,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_keep_mask_kernel(seed_ptr, keep_ptr, num_heads, len_q, len_k, dropout_p, batch_size, batch_chunks,
+                              batch_span, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """keep[b, h, i, j] (int8, contiguous (B, H, L, S)) exactly as the attention kernels decide it."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
+    if batch >= batch_size:  # past the end in the last batch chunk
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
-    batch = tl.program_id(2)
     seed = tl.load(seed_ptr)
     offset = tl.load(seed_ptr + 1)
     base = keep_ptr + ((batch.to(tl.int64) * num_heads + head) * len_q + rows.to(tl.int64)[:, None]) * len_k
@@ -711,10 +718,19 @@ def _common_meta(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     return batch_programs, longest_q, longest_k, meta
 
 
+def attention_grid(op: str, length: int, block: int, heads: int, batch_programs: int,
+                   ) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, chunks, span) for one program per (block of `length` rows, head, batch or sequence): the
+    batch axis is grid z up to CUDA's 65 535, folded into x beyond (chunks, span: the kernels' unfold_pid)."""
+    chunks, span = fold(batch_programs)
+    return checked_grid(op, triton.cdiv(length, block) * chunks, heads, span), chunks, span
+
+
 def _strides(t: Optional[Tensor], n: int = 4) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
+@launches_on("attention_triton", "query", "key", "value", "attn_mask", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
 def attention_forward(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
@@ -736,7 +752,9 @@ def attention_forward(
     if batch_programs == 0 or heads_q == 0 or longest_q == 0 or len_q == 0:
         return output, lse
     any_tensor = query  # stands in for the optional pointers a False constexpr never reads
-    grid = lambda META: (triton.cdiv(longest_q, META["BLOCK_M"]), heads_q, batch_programs)  # noqa: E731
+    op = "attention_triton"
+    _, chunks, span = attention_grid(op, longest_q, 1, heads_q, batch_programs)
+    grid = lambda META: attention_grid(op, longest_q, META["BLOCK_M"], heads_q, batch_programs)[0]  # noqa: E731
     _attention_forward_kernel[grid](
         query, key, value, attn_mask if attn_mask is not None else any_tensor, output, lse,
         cu_seqlens_q if cu_seqlens_q is not None else any_tensor,
@@ -746,11 +764,13 @@ def attention_forward(
         lse.stride(0), lse.stride(1),
         heads_q // heads_k, len_q, len_k,
         scale * _LOG2E, window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p),
-        **meta,
+        batch_programs, chunks, span, **meta,
     )
     return output, lse
 
 
+@launches_on("attention_backward_triton", "grad_output", "query", "key", "value", "output", "lse", "attn_mask",
+             "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
 def attention_backward(
     grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor, output: Tensor, lse: Tensor,
     attn_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -792,8 +812,10 @@ def attention_backward(
 
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     delta_block_m = 16 if _INTERPRETED else 64  # pointwise: 64 rows of up to 256 columns a program
-    _attention_backward_delta_kernel[(triton.cdiv(len_q, delta_block_m), heads_q, batch)](
+    delta_grid, chunks, span = attention_grid(op, len_q, delta_block_m, heads_q, batch)
+    _attention_backward_delta_kernel[delta_grid](
         output, grad_output, delta, *output.stride(), *grad_output.stride(), heads_q, len_q, head_dim_v,
+        batch, chunks, span,
         BLOCK_M=delta_block_m, BLOCK_EV=meta["BLOCK_EV"], num_warps=4,
     )
 
@@ -806,14 +828,16 @@ def attention_backward(
               lse.stride(0), lse.stride(1))
     numbers = (heads_q, heads_q // heads_k, len_q, len_k, scale, scale * _LOG2E,
                window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p))
-    dkdv_grid = lambda META: (triton.cdiv(longest_k, META["BLOCK_N"]), heads_k, batch_programs)  # noqa: E731
+    _, chunks, span = attention_grid(op, longest_k, 1, heads_k, batch_programs)
+    numbers += (batch_programs, chunks, span)
+    dkdv_grid = lambda META: attention_grid(op, longest_k, META["BLOCK_N"], heads_k, batch_programs)[0]  # noqa: E731
     _attention_backward_dkdv_kernel[dkdv_grid](
         query, key, value, mask_arg, grad_output, lse, delta, grad_key, grad_value,
         grad_mask if need_grad_mask else any_tensor, cu_q, cu_k, seed,
         *common, *grad_key.stride(), *grad_value.stride(), *_strides(grad_mask if need_grad_mask else None),
         *numbers, STORE_MASK_GRAD=need_grad_mask, **meta,
     )
-    dq_grid = lambda META: (triton.cdiv(longest_q, META["BLOCK_M"]), heads_q, batch_programs)  # noqa: E731
+    dq_grid = lambda META: attention_grid(op, longest_q, META["BLOCK_M"], heads_q, batch_programs)[0]  # noqa: E731
     _attention_backward_dq_kernel[dq_grid](
         query, key, value, mask_arg, grad_output, lse, delta, grad_query, cu_q, cu_k, seed,
         *common, *grad_query.stride(), *numbers, **meta,
@@ -830,7 +854,10 @@ def dropout_keep_mask(seed: Tensor, B: int, H: int, L: int, S: int, p: float,
     if keep.numel() == 0:
         return keep.bool()
     block = 16 if _INTERPRETED else 64
-    _dropout_keep_mask_kernel[(triton.cdiv(L, block), H, B)](
-        seed.to(device=device, dtype=torch.int64), keep, H, L, S, float(p), BLOCK_M=block, BLOCK_N=block,
-    )
+    grid, chunks, span = attention_grid("dropout_keep_mask", L, block, H, B)
+    with device_guard(device):
+        _dropout_keep_mask_kernel[grid](
+            seed.to(device=device, dtype=torch.int64), keep, H, L, S, float(p), B, chunks, span,
+            BLOCK_M=block, BLOCK_N=block,
+        )
     return keep.bool()

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bigkernels._backend import triton_interpreting
+from bigkernels.triton._launch import launches_on
 
 # Read once, like triton.jit: the kernels below were built for the interpreter or not at import time.
 _INTERPRETED = triton_interpreting()
@@ -311,6 +312,7 @@ def _forward_tiles(batch: int, element_size: int) -> tuple[int, int, int, int]:
     raise AssertionError("unreachable: the last tile row takes any batch")
 
 
+@launches_on("lstm_cell_triton", "input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh")
 def lstm_cell_forward(
     input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], need_workspace: bool,
@@ -348,6 +350,8 @@ def lstm_cell_forward(
     return hy, cy, workspace
 
 
+@launches_on("lstm_cell_backward_triton", "grad_hy", "grad_cy", "input", "hx", "cx", "w_ih", "w_hh", "cy",
+             "workspace")
 def lstm_cell_backward(
     grad_hy: Tensor, grad_cy: Tensor, input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor,
     w_hh: Tensor, cy: Tensor, workspace: Tensor, output_mask: Sequence[bool],
