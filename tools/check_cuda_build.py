@@ -5,7 +5,7 @@ Needs nvcc and CMake, no GPU and no torch: CI runs it on a CPU-only machine. Pri
 with registers, shared memory and spills (stores/loads, bytes) for every target architecture, and
 exits non-zero if the build fails, ptxas reported nothing, or any kernel spills.
 
-    python tools/check_cuda_build.py [--build-dir build/cuda-check] [--archs "8.0;9.0"] [-j N]
+    python tools/check_cuda_build.py [--build-dir build/cuda-check] [--archs "8.0;9.0" | --archs ci] [-j N]
 
 Environment: BIGKERNELS_CUDA_ARCHS (default arch list, else tools/cuda_archs.py's, the one setup.py
 builds), MAX_JOBS (default -j, else 2), CUDACXX (nvcc to use; else nvcc on PATH, else
@@ -142,6 +142,11 @@ def main() -> int:
                              "tools/cuda_archs.py's DEFAULT_CUDA_ARCHS; CI passes its CI_CUDA_ARCHS subset)")
     parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("MAX_JOBS") or 2))
     args = parser.parse_args()
+    if args.archs == "ci":
+        sys.path.insert(0, str(ROOT / "tools"))
+        from cuda_archs import CI_CUDA_ARCHS
+
+        args.archs = CI_CUDA_ARCHS
 
     start = time.monotonic()
     build_dir = (ROOT / args.build_dir).resolve()

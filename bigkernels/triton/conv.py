@@ -91,20 +91,26 @@ else:
         "many_pixels": (128, 64, 64, 4, 4),   # 64-channel layers (ResNet stage 1) at 56x56
         "many_channels": (64, 128, 64, 4, 4), # late stages: few pixels (14x14, 7x7), wide layers
         "small": (64, 64, 64, 4, 4),          # small layers: more programs to fill the SMs
-        "fp32": (128, 128, 32, 4, 4),         # half the shared memory per stage for 4-byte data
+        "fp32": (128, 128, 32, 8, 4),         # half the shared memory per stage for 4-byte data
         "few_outputs": (128, 32, 32, 4, 4),   # few output channels per group (grouped convs)
         "thin_reduction": (128, 64, 16, 4, 4),  # the RGB stem (C = 3), few input channels per group
     }
-    # The transposed conv is the same GEMM family (pixels x channels, reduced over taps x channels).
-    _GRAD_INPUT_TILES = dict(_FORWARD_TILES)
-    # grad_weight tiles are (K x C) for one tap, reduced over N*P*Q pixels: long reductions.
+    # The transposed conv is the same GEMM family (pixels x channels, reduced over taps x channels),
+    # but its gathers of the weight hold more registers: at BLOCK_K = 64, or 128 x 128 tiles at 4
+    # warps, every forward tile spilled (tools/triton_check.py, sm_80/sm_90), so K steps are 32 and
+    # the large tiles take 8 warps.
+    _GRAD_INPUT_TILES = {
+        "tall": (128, 64, 32, 8, 4),
+        "wide": (64, 128, 32, 8, 4),
+        "small": (64, 64, 32, 4, 4),
+        "thin_reduction": (128, 64, 16, 4, 4),
+    }
+    # grad_weight tiles are (K x C) for one tap, reduced over N*P*Q pixels: long reductions. Same
+    # register limits as grad_input (measured); one deep-K tile for few input channels.
     _GRAD_WEIGHT_TILES = {
-        "large": (128, 128, 64, 8, 3),
-        "small": (64, 64, 64, 4, 4),
-        "tall": (128, 64, 64, 4, 4),          # more output than input channels (1x1 expand layers)
-        "wide": (64, 128, 64, 4, 4),          # more input than output channels (1x1 reduce layers)
-        "deep": (64, 64, 128, 4, 3),          # longer reduction steps when the channel tiles are few
-        "fp32": (128, 128, 32, 4, 4),         # half the shared memory per stage for 4-byte data
+        "tall": (128, 64, 32, 8, 4),          # more output than input channels (1x1 expand layers)
+        "wide": (64, 128, 32, 8, 4),          # more input than output channels (1x1 reduce layers)
+        "small": (64, 64, 32, 4, 4),
         "thin_input": (64, 16, 128, 4, 3),    # few input channels per group (the RGB stem)
     }
 
