@@ -63,7 +63,7 @@ wheel-check: wheel
 	.wheel-venv/bin/pip install -q "$(TORCH_SPEC)" numpy dist/bigkernels-*.whl
 	cd /tmp && $(CURDIR)/.wheel-venv/bin/python $(CURDIR)/tools/smoke_test_wheel.py
 
-ci: test cuda-check wheel-check
+ci: test cuda-check triton-check wheel-check
 
 clean:
 	rm -rf build dist bench-out gpu-check-out .wheel-venv *.egg-info bigkernels/_C*.so bigkernels/_build_info.py

@@ -285,14 +285,15 @@ def test_grad_weight_grid_folds_groups_times_taps_above_cudas_limit():
 
 
 def test_folded_grad_weight_indexing_matches_the_plain_grid(monkeypatch, poison_empty):
-    """With the limit forced down to 4, a depthwise 3 x 3 conv's 5 * 9 = 45 (group, tap) pairs run
-    folded (12 chunks, the last ragged): grad_weight must equal the plain grid's bit for bit, and the
-    reference by the DESIGN rule."""
+    """With the limit forced down to 8 (still >= the 5 groups of the forward and grad_input grids), a
+    depthwise 3 x 3 conv's 5 * 9 = 45 (group, tap) pairs run folded (6 chunks, the last ragged):
+    grad_weight must equal the plain grid's bit for bit, and the reference by the DESIGN rule."""
     from bigkernels.triton import _launch
 
     case = make_case(1, 5, 6, 7, 5, 3, 3, (1, 1), (1, 1), (1, 1), 5, seed=3)
     plain = run_ours(case, torch.float32, "relu", 0.1, False)
-    monkeypatch.setattr(_launch, "GRID_YZ_LIMIT", 4)
+    monkeypatch.setattr(_launch, "GRID_YZ_LIMIT", 8)
+    assert triton_conv.grad_weight_grid(1, 1, 45, 1, 16, 16)[1:] == (6, 8)
     folded = run_ours(case, torch.float32, "relu", 0.1, False)
     assert torch.equal(plain[3][1], folded[3][1])
     (_, ref), (_, stock) = reference_and_stock(case, torch.float32, "relu", 0.1)

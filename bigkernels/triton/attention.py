@@ -371,9 +371,11 @@ def _attention_backward_delta_kernel(
 ):
     """delta[b, h, i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in float32; delta is (B, H, L) contiguous."""
     pid_m, batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
+    if batch >= batch_size:  # past the end in the last batch chunk
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
-    row_in = (rows < len_q) & (batch < batch_size)
+    row_in = rows < len_q
     rows64 = rows.to(tl.int64)
     offs_ev = tl.arange(0, BLOCK_EV)
     mask = row_in[:, None] & (offs_ev < head_dim_v)[None, :]
