@@ -13,7 +13,7 @@ DEV_DEPS := ninja numpy triton pytest hypothesis expecttest pytest-benchmark mat
 BENCH_ARGS ?= --quick
 export MAX_JOBS ?= 2
 
-.PHONY: setup bench test cuda-check wheel wheel-check ci clean
+.PHONY: setup bench test cuda-check triton-check gpu-check wheel wheel-check ci clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -34,8 +34,22 @@ test: setup
 	$(PY) -m pytest tests -q
 
 ## Compile csrc/cuda/*.cu with nvcc alone for every target arch; fails on a compile error or a spill.
+## CUDA_CHECK_ARGS="--archs ci": CI's subset (tools/cuda_archs.py CI_CUDA_ARCHS).
+CUDA_CHECK_ARGS ?=
 cuda-check: $(VENV)/.deps
-	$(PY) tools/check_cuda_build.py
+	$(PY) tools/check_cuda_build.py $(CUDA_CHECK_ARGS)
+
+## Compile every Triton kernel and kept autotune config for sm_80 and sm_90 (no GPU); fails on a compile
+## error, a spill or shared memory above the target's limit. TRITON_CHECK_ARGS="--subset ci" for CI's part.
+TRITON_CHECK_ARGS ?=
+triton-check: $(VENV)/.deps
+	env -u TRITON_INTERPRET $(PY) tools/triton_check.py $(TRITON_CHECK_ARGS)
+
+## On a lent GPU machine: build for its arch, GPU tests, compute-sanitizer, validate, quick bench, all
+## under $(GPU_CHECK_OUT) within ~8 minutes. Without a GPU it runs the build checks and says what it skipped.
+export GPU_CHECK_OUT ?= gpu-check-out
+gpu-check: $(VENV)/.deps
+	env -u TRITON_INTERPRET $(PY) tools/gpu_check.py
 
 ## Build the wheel (its local version names the target: +cpu or +cu<ver>torch<maj.min>) into dist/.
 wheel: $(VENV)/.deps
@@ -49,7 +63,7 @@ wheel-check: wheel
 	.wheel-venv/bin/pip install -q "$(TORCH_SPEC)" numpy dist/bigkernels-*.whl
 	cd /tmp && $(CURDIR)/.wheel-venv/bin/python $(CURDIR)/tools/smoke_test_wheel.py
 
-ci: test cuda-check wheel-check
+ci: test cuda-check triton-check wheel-check
 
 clean:
-	rm -rf build dist bench-out .wheel-venv *.egg-info bigkernels/_C*.so bigkernels/_build_info.py
+	rm -rf build dist bench-out gpu-check-out .wheel-venv *.egg-info bigkernels/_C*.so bigkernels/_build_info.py

@@ -3,22 +3,29 @@
 Environment:
   BIGKERNELS_FORCE_CUDA=1      build the CUDA sources even where no GPU is visible (needs a CUDA torch)
   BIGKERNELS_NO_CUDA=1         never build the CUDA sources
-  BIGKERNELS_CUDA_ARCHS        ';'-separated compute capabilities, default "8.0;8.6;8.9;9.0a"
-                               (PTX is embedded for the newest, so newer GPUs JIT from it)
+  BIGKERNELS_CUDA_ARCHS        ';'-separated compute capabilities; unset or empty: the default of
+                               tools/cuda_archs.py (PTX is embedded for the newest plain arch, so
+                               newer GPUs JIT from it)
+  CUDA_HOME / CUDA_PATH        the CUDA toolkit (else the one of the nvcc on PATH, through wrapper
+                               scripts, else /usr/local/cuda); checked for include/cuda_runtime.h
   MAX_JOBS                     parallel compile jobs (honoured by torch's ninja build)
 """
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+import torch.utils.cpp_extension as cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import cuda_archs  # noqa: E402  (tools/cuda_archs.py: the arch list and toolkit search, shared with CMake)
 
 BASE_VERSION = "0.1.0"
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0a"
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def want_cuda() -> bool:
@@ -26,15 +33,27 @@ def want_cuda() -> bool:
         return False
     if os.environ.get("BIGKERNELS_FORCE_CUDA") == "1":
         return True
-    nvcc_found = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    nvcc_found = any(os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")) or shutil.which("nvcc") is not None
     return torch.version.cuda is not None and nvcc_found
 
 
 def cuda_arch_list() -> str:
-    archs = [a.strip() for a in os.environ.get("BIGKERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";")]
-    archs = [a for a in archs if a]
-    archs[-1] += "+PTX"
-    return ";".join(archs)
+    try:
+        return cuda_archs.torch_arch_list(cuda_archs.parse_archs(os.environ.get("BIGKERNELS_CUDA_ARCHS")))
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def use_cuda_toolkit() -> None:
+    """Point torch.utils.cpp_extension at the real toolkit, or stop now: torch's own guess (made at
+    import) takes the directory above the nvcc on PATH, which is wrong for a wrapper script and fails
+    much later, deep in the build."""
+    try:
+        home = cuda_archs.find_cuda_home()
+    except RuntimeError as exc:
+        sys.exit(f"error: {exc}")
+    os.environ["CUDA_HOME"] = home  # for the nvcc/ninja subprocesses
+    cpp_extension.CUDA_HOME = home  # read by CUDAExtension and BuildExtension at call time
 
 
 def local_version(with_cuda: bool) -> str:
@@ -57,6 +76,8 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
 
 def extension():
     with_cuda = want_cuda()
+    if with_cuda:
+        use_cuda_toolkit()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
     archs = ""
@@ -78,6 +99,7 @@ def extension():
 
 
 ext, with_cuda = extension()
+
 setup(
     version=f"{BASE_VERSION}+{local_version(with_cuda)}",
     ext_modules=[ext],

@@ -25,19 +25,9 @@ from bigkernels import _extension
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
-# GPU backends with a kernel for each op (the chooser's candidates say which runs).
-GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "lstm_cell": ("cuda", "triton"),
-    "lstm": ("cuda", "triton"),
-    # ---- attention ----
-    "attention": ("triton",),
-    # conv (issue 5): Triton implicit GEMM; depthwise calls are routed in bigkernels/ops/conv.py.
-    "conv": ("triton",),
-    # lstm_ext (layer norm / zoneout): Triton only; the "cuda" backend runs the Triton op too.
-    "lstm_ext": ("triton",),
-    # ---- conv_depthwise: direct CUDA kernels; forcing "triton" runs the Triton conv with groups = C ----
-    "conv_depthwise": ("cuda", "triton"),
-}
+# Ops with Triton kernels (bigkernels/triton/<op>.py). Which kernel runs is the chooser's business
+# (each op's candidates, bigkernels/ops/<op>.py); CUDA C++ kernels are asked of the dispatcher.
+TRITON_OPS = frozenset({"lstm_cell", "lstm", "attention", "conv", "lstm_ext"})
 
 
 class BackendUnavailable(RuntimeError):
@@ -83,6 +73,15 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def has_cuda_kernel(op: str, namespace: str = "bigkernels") -> bool:
+    """Whether `namespace::op` has a kernel registered for CUDA tensors (csrc/cuda/*_binding.cpp), asked
+    of the dispatcher rather than a hand-kept list, so it cannot go stale."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", "CUDA")
+    except RuntimeError:  # no such operator (e.g. bigkernels._C not loaded)
+        return False
+
+
 def unavailable_reason(backend: str, op: str, device: torch.device) -> str | None:
     """Why `backend` cannot run `op` on `device`, or None if it can."""
     if backend == "reference":
@@ -98,9 +97,11 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> str | Non
             return _extension.UNAVAILABLE_REASON
         if not _extension.WITH_CUDA:
             return "bigkernels._C was built without CUDA kernels (CPU-only torch or no nvcc at build time)"
+        if not has_cuda_kernel(op):
+            return f"op {op} has no CUDA C++ kernel (use the triton backend, or none to choose automatically)"
         return None
     # triton
-    if op not in GPU_PREFERENCE or "triton" not in GPU_PREFERENCE[op]:
+    if op not in TRITON_OPS:
         return f"op {op} has no Triton kernel"
     if not TRITON_INSTALLED:
         return "Triton is not installed (pip install triton)"

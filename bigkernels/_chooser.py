@@ -266,7 +266,7 @@ class Chooser:
         for c in self.candidates:
             if c.backend == "reference" or (c.backend == "triton" and device.type != "cuda"):
                 continue
-            if c.backend != STOCK and _backend.unavailable_reason(c.backend, c.kernel_op or self.op, device) is not None:
+            if c.backend != STOCK and not _available(c.backend, c.kernel_op or self.op, device):
                 continue
             if c.reason_not(args) is None:
                 out.append(c)
@@ -433,6 +433,12 @@ def _plain(value: Any) -> Any:
 
 def _first_own(eligible: list[Candidate], args: tuple) -> Candidate:
     return next((c for c in eligible if c.backend != STOCK), eligible[0])
+
+
+@torch.compiler.assume_constant_result
+def _available(backend: str, op: str, device: torch.device) -> bool:
+    """Whether `backend` has a kernel for `op` on `device` (asks the dispatcher, which a trace cannot)."""
+    return _backend.unavailable_reason(backend, op, device) is None
 
 
 @torch.compiler.assume_constant_result

@@ -176,6 +176,80 @@ def test_dropout_keep_mask_rate_and_determinism():
     assert not torch.equal(keep, shifted), "a different offset must give a different mask"
 
 
+# ------------------------------------------------------------------- launch rules (bigkernels/triton/_launch.py)
+def test_launchers_refuse_mixed_devices_naming_the_arguments():
+    q = torch.randn(1, 2, 5, 8)
+    k = torch.randn(1, 2, 5, 8, device="meta")
+    args = (None, None, None, 0, 0, 0.5, -1, -1, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"attention_triton: all tensors must be on one device, but query is on "
+                                           r"cpu and key on meta"):
+        attention_triton.attention_forward(q, k, q, *args)
+    with pytest.raises(RuntimeError, match=r"grad_output is on cpu and lse on meta"):
+        attention_triton.attention_backward(q, q, q, q, q, torch.empty(1, 2, 5, device="meta"), *args, False)
+
+
+def test_device_guard_selection():
+    """Triton launches on the current CUDA device: a CUDA tensor's launch runs under its device (index
+    kept, so cuda:1 tensors launch on cuda:1), anything else under no guard at all."""
+    import contextlib
+
+    from bigkernels.triton import _launch
+
+    guard = _launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_launch.device_guard(torch.device("cuda")), torch.cuda.device)
+    for device in (torch.device("cpu"), torch.device("meta"), None):
+        assert isinstance(_launch.device_guard(device), contextlib.nullcontext)
+    cpu = torch.empty(1)
+    assert _launch.common_device("op", [("a", cpu), ("b", None), ("c", cpu)]) == torch.device("cpu")
+    assert _launch.common_device("op", [("a", None)]) is None
+    with pytest.raises(RuntimeError, match="bigkernels::op: .* but a is on cpu and c on meta"):
+        _launch.common_device("op", [("a", cpu), ("b", None), ("c", torch.empty(1, device="meta"))])
+
+
+def test_grid_folds_a_batch_above_cudas_limit():
+    """grid z = batch passes CUDA's 65 535 (e.g. 100 000 sequences of varlen): the excess folds into x,
+    every (block, head, batch) is covered exactly once, no axis is above its limit."""
+    from bigkernels.triton._launch import GRID_YZ_LIMIT, MAX_GRID_X
+
+    for length, block, heads, batch in ((4096, 64, 16, 100_000), (1, 16, 1, 65_535), (1 << 20, 16, 32, 65_536),
+                                        (300, 128, 8, 3 * 65_535 + 1)):
+        (x, y, z), chunks, span = attention_triton.attention_grid("op", length, block, heads, batch)
+        blocks = -(-length // block)
+        assert z <= GRID_YZ_LIMIT and y == heads and x <= MAX_GRID_X
+        assert x == blocks * chunks and z == span and chunks * span >= batch > (chunks - 1) * span
+    with pytest.raises(RuntimeError, match="70000 programs along grid axis y"):
+        attention_triton.attention_grid("op", 16, 16, 70_000, 1)
+
+
+@pytest.mark.parametrize("limit", [2, 3])
+def test_folded_batch_indexing_matches_the_plain_grid(monkeypatch, limit):
+    """With CUDA's limit forced down to 2 or 3, batch 5 (and 5 varlen sequences) runs folded, the last
+    chunk ragged; forward, backward (delta, dK/dV, dQ) and the dropout mask must equal the plain grid's."""
+    from bigkernels.triton import _launch
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(5, 2, 19, 16, generator=g).to(DEVICE) for _ in range(3))
+    cu = torch.tensor([0, 3, 10, 10, 15, 19], dtype=torch.int32, device=DEVICE)
+    seed = torch.tensor([7, 1], dtype=torch.int64, device=DEVICE)
+    calls = [(q, k, v, (None, None, None, 0, 0, 0.25, -1, 0, 0.2, seed)),
+             (q[:1], k[:1], v[:1], (None, cu, cu, 7, 7, 0.25, -1, -1, 0.0, None))]
+
+    def run_all():
+        results = [attention_triton.dropout_keep_mask(seed, 5, 2, 19, 21, 0.3, DEVICE)]
+        for qq, kk, vv, args in calls:
+            out, lse = attention_triton.attention_forward(qq, kk, vv, *args)
+            do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+            results += [out, lse, *attention_triton.attention_backward(do, qq, kk, vv, out, lse, *args, False)[:3]]
+        return results
+
+    plain = run_all()
+    monkeypatch.setattr(_launch, "GRID_YZ_LIMIT", limit)
+    assert attention_triton.attention_grid("op", 19, 16, 2, 5)[1:] == (-(-5 // limit), limit)
+    for a, b in zip(plain, run_all()):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------- edge cases
 def test_backward_is_deterministic():
     g = torch.Generator().manual_seed(3)

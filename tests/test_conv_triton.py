@@ -270,6 +270,43 @@ def test_bad_input(bad, match):
         conv_forward(**args)
 
 
+def test_grad_weight_grid_folds_groups_times_taps_above_cudas_limit():
+    """Depthwise C = 2048 at 7 x 7 has 100 352 (group, tap) pairs, grid y's limit is 65 535: the excess
+    folds into x, every pair covered exactly once. Pure arithmetic: nothing of that size is allocated."""
+    from bigkernels.triton._launch import GRID_YZ_LIMIT
+
+    for Kg, Cg, group_taps, splits in ((1, 1, 2048 * 49, 4), (64, 64, 2048 * 9, 1), (1, 1, 65_535, 2),
+                                       (256, 16, 8192 * 25, 3)):
+        (x, y, z), chunks, span = triton_conv.grad_weight_grid(Kg, Cg, group_taps, splits, 64, 16)
+        tiles = -(-Kg // 64) * -(-Cg // 16)
+        assert y <= GRID_YZ_LIMIT and z == splits and x == tiles * chunks and y == span
+        assert chunks * span >= group_taps > (chunks - 1) * span
+    assert triton_conv.grad_weight_grid(1, 1, 100_352, 1, 16, 16)[1:] == (2, 65_535)
+
+
+def test_folded_grad_weight_indexing_matches_the_plain_grid(monkeypatch, poison_empty):
+    """With the limit forced down to 8 (still >= the 5 groups of the forward and grad_input grids), a
+    depthwise 3 x 3 conv's 5 * 9 = 45 (group, tap) pairs run folded (6 chunks, the last ragged):
+    grad_weight must equal the plain grid's bit for bit, and the reference by the DESIGN rule."""
+    from bigkernels.triton import _launch
+
+    case = make_case(1, 5, 6, 7, 5, 3, 3, (1, 1), (1, 1), (1, 1), 5, seed=3)
+    plain = run_ours(case, torch.float32, "relu", 0.1, False)
+    monkeypatch.setattr(_launch, "GRID_YZ_LIMIT", 8)
+    assert triton_conv.grad_weight_grid(1, 1, 45, 1, 16, 16)[1:] == (6, 8)
+    folded = run_ours(case, torch.float32, "relu", 0.1, False)
+    assert torch.equal(plain[3][1], folded[3][1])
+    (_, ref), (_, stock) = reference_and_stock(case, torch.float32, "relu", 0.1)
+    assert_matches("grad_weight", folded[3][1].cpu(), stock[1].cpu(), ref[1].cpu())
+
+
+def test_launchers_refuse_mixed_devices():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3, device="meta")
+    with pytest.raises(RuntimeError, match="conv_triton: all tensors must be on one device, but input is on cpu "
+                                           "and weight on meta"):
+        conv_forward(x, w, None, None, (1, 1), (1, 1), (1, 1), 1, "none", 0.0, False)
+
+
 def test_compiles_for_sm90():
     """The GEMM kernels compile for sm_90 (no GPU needed) with their loads pipelined (cp.async, more
     than one stage of shared memory) into wgmma dots, for channels_last bf16 (tests/triton_sm90_compile.py)."""

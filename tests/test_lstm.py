@@ -381,3 +381,12 @@ def test_direct_op_calls_refuse_bad_input(what, changes, message):
 def test_backend_unavailable_is_an_error_not_a_fallback():
     with bigkernels.use_backend("cuda"), pytest.raises(bigkernels.BackendUnavailable, match="cuda backend takes CUDA tensors"):
         _call_bad(_bad())
+
+
+@pytest.mark.triton
+def test_triton_launchers_refuse_mixed_devices():
+    kernels = pytest.importorskip("bigkernels.triton.lstm")
+    x, h, c = torch.randn(3, 2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4, device="meta")
+    with pytest.raises(RuntimeError, match="lstm_triton: .* input is on cpu and w_hh on meta"):
+        kernels.lstm_forward(x, None, h, c, w_ih, w_hh, None, None, None, False, False)

@@ -328,3 +328,44 @@ def test_backend_unavailable_is_an_error_not_a_fallback():
     case = _bad()
     with bigkernels.use_backend("cuda"), pytest.raises(bigkernels.BackendUnavailable, match="cuda backend takes CUDA tensors"):
         run(lstm_cell, case)
+
+
+@pytest.mark.triton
+def test_triton_launchers_refuse_mixed_devices():
+    """Triton launches on one device: tensors on two (here cpu and meta) are refused, naming both."""
+    kernels = pytest.importorskip("bigkernels.triton.lstm_cell")
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(RuntimeError, match="lstm_cell_triton: .* input is on cpu and cx on meta"):
+        kernels.lstm_cell_forward(x, h, torch.randn(2, 4, device="meta"), w_ih, w_hh, None, None, False)
+
+
+def test_has_cuda_kernel_asks_the_dispatcher():
+    """The forced "cuda" backend is refused for ops without a CUDA C++ kernel (attention, conv, lstm_ext),
+    from what is registered for the CUDA dispatch key, not from a list kept by hand."""
+    from bigkernels import _backend, _extension
+
+    with_cuda = _extension.AVAILABLE and _extension.WITH_CUDA
+    for op in ("lstm_cell", "lstm", "conv_depthwise"):
+        assert _backend.has_cuda_kernel(op) == with_cuda, op
+    for op in ("attention", "conv", "lstm_ext", "lstm_cell_triton", "no_such_op"):
+        assert not _backend.has_cuda_kernel(op), op
+    lib = torch.library.Library("bigkernels_probe", "DEF")  # an op that does have a CUDA kernel
+    lib.define("probe(Tensor x) -> Tensor")
+    lib.impl("probe", lambda x: x, "CUDA")
+    assert _backend.has_cuda_kernel("probe", namespace="bigkernels_probe")
+    assert not _backend.has_cuda_kernel("probe", namespace="bigkernels_probe_none")
+
+
+def test_forced_cuda_backend_names_ops_without_a_cuda_kernel(monkeypatch):
+    from bigkernels import _backend, _extension
+
+    if not _extension.AVAILABLE:
+        pytest.skip(_extension.UNAVAILABLE_REASON)
+    monkeypatch.setattr(_extension, "WITH_CUDA", True)  # as a CUDA build would say
+    cuda = torch.device("cuda")
+    for op in ("attention", "conv", "lstm_ext"):
+        assert _backend.unavailable_reason("cuda", op, cuda) == (
+            f"op {op} has no CUDA C++ kernel (use the triton backend, or none to choose automatically)")
+    monkeypatch.setattr(_backend, "has_cuda_kernel", lambda op: op == "lstm_cell")
+    assert _backend.unavailable_reason("cuda", "lstm_cell", cuda) is None

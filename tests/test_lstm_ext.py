@@ -103,6 +103,68 @@ def test_triton_matches_reference(shape, option):
     check_against_reference("triton", TRITON_DEVICE, dtypes, shape, option, reverse=shape[-1] is not None)
 
 
+def _strided_states(case, layout):
+    """case with h0 and c0 as views of other strides (same shapes): "expanded", row 0 of a (B, H)
+    buffer over the whole batch; "batch_first", rows of a (B, 2, H) buffer, as a batch-first model's
+    slice of its per-layer states. Gradients are taken with respect to the views themselves."""
+    case = dict(case)
+    for name in ("h0", "c0"):
+        t = case[name].detach()
+        if layout == "expanded":
+            case[name] = t.clone().requires_grad_()[:1].expand_as(t)
+        else:
+            buffer = torch.stack([torch.full_like(t, 0.5), t], 1).requires_grad_()
+            case[name] = buffer[:, 1]
+    return case
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["expanded", "batch_first"])
+def test_triton_gradients_with_strided_states(layout):
+    """The backward reads c0 densely: an expanded or batch-first c0 must be made contiguous first
+    (the forward always did), or grad_c0, grad_w_hh, ... come out wrong."""
+    shape, (_, layer_norm, zoneout, training) = (3, 3, 2, 8, 0, None), OPTIONS[3]
+    case64, batch_sizes = ext_case(shape, layer_norm, seed=31)
+    ref, _ = run(_strided_states(cast(case64, torch.float64, "cpu"), layout), batch_sizes, False, zoneout,
+                 training, 31, "reference")
+    upstream = upstream_grads(ref, torch.float32, TRITON_DEVICE, seed=131)
+    up64 = [u.to("cpu", torch.float64) for u in upstream]
+    outs = {}
+    for key, dtype, device, backend, up in (("ref", torch.float64, "cpu", "reference", up64),
+                                            ("stock", torch.float32, TRITON_DEVICE, "reference", upstream),
+                                            ("ours", torch.float32, TRITON_DEVICE, "triton", upstream)):
+        assert not _strided_states(cast(case64, dtype, device, True), layout)["c0"].is_contiguous()
+        outs[key] = run(_strided_states(cast(case64, dtype, device, True), layout), batch_sizes, False, zoneout,
+                        training, 31, backend, up)
+    (_, ref_grads), (_, stock_grads), (_, our_grads) = outs["ref"], outs["stock"], outs["ours"]
+    assert {"h0", "c0", "w_hh"} <= set(ref_grads)
+    for name, r in ref_grads.items():
+        assert_matches(f"triton/{layout}/grad_{name}", our_grads[name], stock_grads[name], r)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_gradients_match_reference(dtype):
+    """fp16/bf16 outputs and every gradient (LayerNorm gains included) against float64, by the stock
+    rule. The step kernels have no tl.dot, so bf16 is right under the interpreter too."""
+    check_against_reference("triton", TRITON_DEVICE, (dtype,), (4, 3, 5, 16, 0, None), OPTIONS[3], reverse=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_keeps_layer_norm_statistics_in_float32(dtype):
+    """As stock LayerNorm: the normalised activations and 1/std saved for the backward stay float32
+    for half inputs (rounded to fp16/bf16 they would carry that rounding into every LN gradient)."""
+    args = _op_args((3, 2, 3, 8, 0, None), True, True, False, True, TRITON_DEVICE, dtype)
+    with torch.no_grad():
+        output, _, _, gates, _, norms = torch.ops.bigkernels.lstm_ext_triton.default(*args)
+    assert output.dtype == gates.dtype == dtype
+    assert norms.dtype == torch.float32 and norms.shape == (6, 5 * 8 + 2)
+    # The two 1/std columns carry more than the storage type's bits.
+    rstd = norms[:, 5 * 8:]
+    assert (rstd != rstd.to(dtype).float()).any()
+
+
 def test_reference_without_options_is_the_plain_layer():
     from bigkernels import reference
 
@@ -412,3 +474,14 @@ def test_autocast_cpu_runs_in_the_autocast_dtype():
     out.float().square().sum().backward()
     assert model.layer_norm_cell_weight_l0.grad.dtype == torch.float32
     assert torch.isfinite(model.layer_norm_hh_weight_l0.grad).all()
+
+
+@pytest.mark.triton
+def test_triton_launchers_refuse_mixed_devices():
+    kernels = pytest.importorskip("bigkernels.triton.lstm_ext")
+    x, h, c = torch.randn(3, 2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    mask = torch.ones(6, 4, device="meta")
+    with pytest.raises(RuntimeError, match="lstm_ext_triton: .* input is on cpu and cell_mask on meta"):
+        kernels.lstm_ext_forward(x, None, h, c, w_ih, w_hh, None, None, None, *(None,) * 6, mask, None, 0.0, 0.0,
+                                 False, False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -114,3 +115,84 @@ def test_info_command():
 def test_cli_usage():
     out = subprocess.run([sys.executable, "-m", "bigkernels", "frobnicate"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr
+
+
+# ------------------------------------------------------------------- CUDA build targets and toolkit
+def _cuda_archs():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "cuda_archs.py")
+    spec = importlib.util.spec_from_file_location("cuda_archs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_arch_list_parsing():
+    """BIGKERNELS_CUDA_ARCHS="" used to crash setup.py (IndexError); PTX went to compute_90a, which no
+    later GPU can JIT. Now: blank means the default, PTX of the newest plain arch, one list for
+    setup.py (TORCH_CUDA_ARCH_LIST) and CMake (CMAKE_CUDA_ARCHITECTURES)."""
+    ca = _cuda_archs()
+    default = ca.parse_archs(None)
+    assert default == ca.parse_archs("") == ca.parse_archs("  ") == ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
+    assert ca.torch_arch_list(default) == "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+    assert ca.cmake_architectures(default) == "80-real;86-real;89-real;90-real;100-real;120"
+    archs = ca.parse_archs(" 9.0a; 8.0,9.0+PTX ;;8.0 ")
+    assert archs == ["8.0", "9.0", "9.0a"]
+    assert ca.torch_arch_list(archs) == "8.0;9.0+PTX;9.0a"
+    assert ca.cmake_architectures(archs) == "80-real;90;90a-real"
+    assert ca.torch_arch_list(["9.0a"]) == "9.0a" and ca.cmake_architectures(["9.0a"]) == "90a-real"
+    assert ca.parse_archs("12.0;8.6") == ["8.6", "12.0"]  # numeric order, not text order
+    assert set(ca.parse_archs(ca.CI_CUDA_ARCHS)) <= set(default)
+    for bad in ("sm_90", "9", "9.0b", "10.0f", "8.0;x"):
+        with pytest.raises(ValueError, match="BIGKERNELS_CUDA_ARCHS"):
+            ca.parse_archs(bad)
+
+
+def _toolkit(root, name):
+    home = root / name
+    (home / "include").mkdir(parents=True)
+    (home / "include" / "cuda_runtime.h").write_text("")
+    (home / "bin").mkdir()
+    return home
+
+
+def test_cuda_toolkit_detection(tmp_path):
+    ca = _cuda_archs()
+    real = _toolkit(tmp_path, "cuda-13.0")
+    wrapper = tmp_path / "wrappers" / "bin" / "nvcc"  # a script elsewhere that execs the real nvcc
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f"#!/bin/sh\nexec {real}/bin/nvcc \"$@\"\n")
+    nowhere = str(tmp_path / "none")
+
+    def find(env, nvcc=None, top=None):
+        return ca.find_cuda_home(env, which=lambda _: nvcc, nvcc_top=lambda _: top, fallback=nowhere)
+
+    assert find({"CUDA_HOME": str(real)}) == str(real)
+    assert find({"CUDA_PATH": str(real)}) == str(real)
+    with pytest.raises(RuntimeError, match=re.escape(f"CUDA_HOME={tmp_path} is not") + ".*set CUDA_HOME"):
+        find({"CUDA_HOME": str(tmp_path)}, nvcc=str(wrapper), top=str(real))  # set but wrong: never passed over
+    # nvcc on PATH: a symlink into the toolkit resolves; a wrapper script is asked for its TOP.
+    (real / "bin" / "nvcc").write_text("")
+    link = tmp_path / "nvcc-link"
+    link.symlink_to(real / "bin" / "nvcc")
+    assert find({}, nvcc=str(link)) == str(real)
+    assert find({}, nvcc=str(wrapper), top=str(real)) == str(real)
+    with pytest.raises(RuntimeError, match="nvcc at .* belongs to no toolkit.*set CUDA_HOME"):
+        find({}, nvcc=str(wrapper), top=None)
+    with pytest.raises(RuntimeError, match="no nvcc on PATH.*set CUDA_HOME"):
+        find({})
+
+
+def test_cuda_toolkit_of_this_machines_nvcc():
+    """Through the real nvcc (on this machine a wrapper script in /usr/local/bin): its toolkit root."""
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    ca = _cuda_archs()
+    home = ca.find_cuda_home({}, fallback="/nonexistent")
+    assert os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+    done = subprocess.run([sys.executable, ca.__file__, "--cmake"], capture_output=True, text=True,
+                          env={**os.environ, "BIGKERNELS_CUDA_ARCHS": ""})
+    assert done.stdout == ca.cmake_architectures(ca.parse_archs(None))

@@ -28,7 +28,8 @@ from bigkernels.triton import conv  # noqa: E402
 # Arguments that are small or arbitrary in real calls (no 16-divisibility promised).
 _ARBITRARY = {"N", "H", "W", "P", "Q", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
               "phase_h", "phase_w", "rows_h", "rows_w", "r_first", "r_step", "taps_r", "s_first", "s_step",
-              "taps_s", "split_length", "M", "PQ", "rows_per_program"}
+              "taps_s", "split_length", "M", "PQ", "rows_per_program",
+              "group_taps", "tap_chunks", "tap_span"}
 # Channel strides of channels_last tensors (and of channels_last weights): 1, specialised to constants.
 _UNIT_STRIDES = {"sx_c", "sw_c", "sy_k", "sdy_k", "ss_k", "sdx_c", "sdw_c", "sgz_k"}
 _FLOAT32_POINTERS = {"dw_ptr", "bias_partial_ptr"}

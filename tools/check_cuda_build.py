@@ -5,10 +5,11 @@ Needs nvcc and CMake, no GPU and no torch: CI runs it on a CPU-only machine. Pri
 with registers, shared memory and spills (stores/loads, bytes) for every target architecture, and
 exits non-zero if the build fails, ptxas reported nothing, or any kernel spills.
 
-    python tools/check_cuda_build.py [--build-dir build/cuda-check] [--archs "8.0;9.0a"] [-j N]
+    python tools/check_cuda_build.py [--build-dir build/cuda-check] [--archs "8.0;9.0" | --archs ci] [-j N]
 
-Environment: BIGKERNELS_CUDA_ARCHS (default arch list, else CMakeLists.txt's), MAX_JOBS (default
--j, else 2), CUDACXX (nvcc to use; else nvcc on PATH, else $CUDA_HOME/bin/nvcc).
+Environment: BIGKERNELS_CUDA_ARCHS (default arch list, else tools/cuda_archs.py's, the one setup.py
+builds), MAX_JOBS (default -j, else 2), CUDACXX (nvcc to use; else nvcc on PATH, else
+$CUDA_HOME/bin/nvcc).
 """
 from __future__ import annotations
 
@@ -137,13 +138,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build-dir", default="build/cuda-check", help="CMake build directory")
     parser.add_argument("--archs", default=os.environ.get("BIGKERNELS_CUDA_ARCHS"),
-                        help="';'-separated compute capabilities (default: $BIGKERNELS_CUDA_ARCHS, else CMakeLists.txt's)")
+                        help="';'-separated compute capabilities (default: $BIGKERNELS_CUDA_ARCHS, else "
+                             "tools/cuda_archs.py's DEFAULT_CUDA_ARCHS; CI passes its CI_CUDA_ARCHS subset)")
     parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("MAX_JOBS") or 2))
     args = parser.parse_args()
+    if args.archs == "ci":
+        sys.path.insert(0, str(ROOT / "tools"))
+        from cuda_archs import CI_CUDA_ARCHS
+
+        args.archs = CI_CUDA_ARCHS
 
     start = time.monotonic()
     build_dir = (ROOT / args.build_dir).resolve()
-    configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir)]
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DBIGKERNELS_PYTHON={sys.executable}"]
     if not (build_dir / "CMakeCache.txt").exists():
         # Ninja prints each command's output in one piece, so parallel ptxas reports never interleave.
         if shutil.which("ninja"):
@@ -153,7 +160,7 @@ def main() -> int:
             print("error: nvcc not found (set CUDACXX or CUDA_HOME)", file=sys.stderr)
             return 2
         configure.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-    # An explicit list wins; otherwise drop any cached one so that CMakeLists.txt's default applies.
+    # An explicit list wins; otherwise drop any cached one so that tools/cuda_archs.py's default applies.
     configure += [f"-DBIGKERNELS_CUDA_ARCHS={args.archs}"] if args.archs else ["-UBIGKERNELS_CUDA_ARCHS"]
     result = run(configure)
     if result.returncode != 0:

@@ -16,8 +16,9 @@ Ops (one schema each):
                                                           csrc/ops.cpp)
   bigkernels::lstm_ext_triton / lstm_ext_backward_triton  Triton (bigkernels/triton/lstm_ext.py):
                                                           the GPU path. There is no CUDA C++ kernel
-                                                          for these options: CUDA tensors (and the
-                                                          forced "cuda" backend) run the Triton op.
+                                                          for these options: CUDA tensors run the
+                                                          Triton op; a forced "cuda" backend is
+                                                          refused (BackendUnavailable says why).
 Autograd is registered here, in Python, for both forward ops: one formula, and the per-call Python
 cost (tens of microseconds) is small beside a whole-sequence call.
 
@@ -100,7 +101,14 @@ def lstm_ext_backward_triton(
     )
 
 
-lstm_ext_triton.register_fake(_fake_forward)
+@lstm_ext_triton.register_fake
+def _fake_forward_triton(*args, **kwargs):
+    from bigkernels.triton.lstm_ext import norms_dtype  # the Triton op keeps its LayerNorm statistics wider
+
+    *outputs, norms = _fake_forward(*args, **kwargs)
+    return (*outputs, norms.new_empty(norms.shape, dtype=norms_dtype(norms.dtype)))
+
+
 lstm_ext_backward_triton.register_fake(_fake_backward)
 
 

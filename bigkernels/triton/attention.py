@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bigkernels._backend import triton_interpreting
+from bigkernels.triton._launch import checked_grid, device_guard, fold, launches_on, unfold_pid
 
 # Read once, like triton.jit: the kernels below were built for the interpreter or not at import time.
 _INTERPRETED = triton_interpreting()
@@ -64,57 +65,102 @@ if _INTERPRETED:
     DKDV_CONFIGS = {"interpreter": _config(16, 16, 1, 1)}
     DQ_CONFIGS = {"interpreter": _config(16, 16, 1, 1)}
 else:
-    # First guesses for Hopper/Ampere from the flash-attention-2 paper's tiling, not yet measured on
-    # this project's GPU: the autotuner picks among them per (head dims, length buckets, dtype, options).
+    # First guesses for Hopper/Ampere from the flash-attention-2 paper's tiling, not yet timed on a GPU:
+    # the autotuner picks among the configs that fit (_FITS) per (head dims, length buckets, dtype, options).
     FORWARD_CONFIGS = {
-        # Big query tile, 8 warps: most reuse of each K/V tile; head dim <= 128 and long rows.
+        # Big query tiles, most reuse of each K/V tile: head dim <= 64 (<= 128 at 8 warps).
         "fwd_m128_n128_w8": _config(128, 128, 8, 3),
-        # The usual FA2 tile: 128 query rows amortise the K/V loads, 64 keys keep head dim 128 in
-        # registers with 4 warps; the 8-warp twin halves the registers per thread.
         "fwd_m128_n64_w4": _config(128, 64, 4, 3),
         "fwd_m128_n64_w8": _config(128, 64, 8, 3),
-        # Smaller tiles: short sequences (more programs to fill the SMs) and head dim 256 (registers).
         "fwd_m64_n64_w4": _config(64, 64, 4, 3),
+        # Head dim 128 (and float32): 8 warps halve the accumulator registers a thread.
+        "fwd_m64_n64_w8": _config(64, 64, 8, 2),
         "fwd_m64_n32_w4": _config(64, 32, 4, 2),
-        # Single-stage fallback: float32 at head dim 256 needs ~200 KiB of shared memory at 64 x 32
-        # with 2 stages (ptxas, sm_90), more than an A100 has (164 KiB).
-        "fwd_m32_n32_w4_s1": _config(32, 32, 4, 1),
+        "fwd_m64_n32_w8": _config(64, 32, 8, 2),
+        # Head dim 256: the only tile with no spill in float32.
+        "fwd_m32_n32_w4": _config(32, 32, 4, 2),
     }
-    # dK/dV: a tall key tile (BLOCK_N) stays in registers with its dK/dV accumulators while thin
-    # query tiles (BLOCK_M) stream past it; fewer stages than the forward, which holds fewer tiles.
+    # dK/dV: a key tile (BLOCK_N) stays in registers with its dK/dV accumulators while thin query tiles
+    # (BLOCK_M) stream past it; the accumulators (2 x BLOCK_N x head dim, fp32) bound the tile.
     DKDV_CONFIGS = {
-        "dkdv_n128_m32_w8": _config(32, 128, 8, 3),
-        "dkdv_n64_m32_w4": _config(32, 64, 4, 3),
-        "dkdv_n64_m64_w4": _config(64, 64, 4, 2),
+        "dkdv_n64_m32_w8": _config(32, 64, 8, 2),
         "dkdv_n32_m32_w4": _config(32, 32, 4, 2),
-        "dkdv_n32_m32_w4_s1": _config(32, 32, 4, 1),  # float32 at head dim > 128 (shared memory)
+        "dkdv_n32_m32_w8": _config(32, 32, 8, 2),
+        "dkdv_n32_m16_w8": _config(16, 32, 8, 2),
+        "dkdv_n16_m16_w4_s1": _config(16, 16, 4, 1),  # head dim 256
     }
     # dQ: the mirror image: a tall query tile with its dQ accumulator, thin key tiles streaming.
     DQ_CONFIGS = {
         "dq_m128_n32_w8": _config(128, 32, 8, 3),
         "dq_m64_n32_w4": _config(64, 32, 4, 3),
-        "dq_m64_n64_w4": _config(64, 64, 4, 2),
+        "dq_m64_n32_w8": _config(64, 32, 8, 2),
         "dq_m32_n32_w4": _config(32, 32, 4, 2),
-        "dq_m32_n32_w4_s1": _config(32, 32, 4, 1),  # float32 at head dim > 128 (shared memory)
+        "dq_m32_n32_w8": _config(32, 32, 8, 2),
+        "dq_m32_n16_w4": _config(32, 16, 4, 2),
+        "dq_m16_n16_w4_s1": _config(16, 16, 4, 1),
     }
 
+# Which configs fit, by (head dim bucket, operand bytes): no register spill and shared memory within
+# the A100's 163 KiB, for sm_80 and sm_90, measured with tools/triton_check.py (Triton 3.9's ptxas).
+# E.g. at head dim 128 the dK/dV 32 x 128 / 64 x 64 tiles at 4 warps spilled 0.5-2 KiB, the forward's
+# 128 x 128 took 224 KiB (sm_90); at 256 every 4-warp dK/dV tile spilled. float32 head dims <= 64
+# use the head-dim-128 float32 list (fewer registers, never more).
+_FITS = {
+    "forward": {
+        (64, 2): ("fwd_m128_n128_w8", "fwd_m128_n64_w4", "fwd_m128_n64_w8", "fwd_m64_n64_w4", "fwd_m64_n32_w4"),
+        (128, 2): ("fwd_m128_n64_w8", "fwd_m64_n64_w8", "fwd_m64_n32_w4", "fwd_m64_n32_w8"),
+        (256, 2): ("fwd_m64_n32_w8", "fwd_m32_n32_w4"),
+        (128, 4): ("fwd_m64_n64_w8", "fwd_m64_n32_w4", "fwd_m64_n32_w8"),
+        (256, 4): ("fwd_m32_n32_w4",),
+    },
+    "dkdv": {
+        (64, 2): ("dkdv_n64_m32_w8", "dkdv_n32_m32_w4", "dkdv_n32_m32_w8", "dkdv_n32_m16_w8"),
+        (128, 2): ("dkdv_n64_m32_w8", "dkdv_n32_m32_w4", "dkdv_n32_m32_w8", "dkdv_n32_m16_w8"),
+        (256, 2): ("dkdv_n32_m16_w8", "dkdv_n16_m16_w4_s1"),
+        (128, 4): ("dkdv_n32_m32_w4", "dkdv_n32_m32_w8", "dkdv_n32_m16_w8"),
+        (256, 4): ("dkdv_n32_m32_w8", "dkdv_n16_m16_w4_s1"),
+    },
+    "dq": {
+        (64, 2): ("dq_m128_n32_w8", "dq_m64_n32_w4", "dq_m64_n32_w8", "dq_m32_n32_w4"),
+        (128, 2): ("dq_m64_n32_w4", "dq_m64_n32_w8", "dq_m32_n32_w4", "dq_m32_n32_w8", "dq_m32_n16_w4"),
+        (256, 2): ("dq_m64_n32_w8", "dq_m32_n16_w4", "dq_m16_n16_w4_s1"),
+        (128, 4): ("dq_m64_n32_w8", "dq_m32_n32_w8", "dq_m16_n16_w4_s1"),
+        (256, 4): ("dq_m32_n32_w8", "dq_m32_n16_w4", "dq_m16_n16_w4_s1"),
+    },
+}
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit: above head dim 128 the fp32 accumulators and operand tiles only fit
-    (registers, shared memory) at 64 x 64 or less; with dropout the Philox state of every score (four 32-bit
-    words) spills larger tiles too (measured with ptxas for sm_80). Also saves autotuning compile time."""
-    args = {**named_args, **kwargs}  # the launchers pass the head blocks and flags as keywords
-    big_head = max(args["BLOCK_E"], args["BLOCK_EV"]) > 128
-    small_only = big_head or args["HAS_DROPOUT"]
-    # The single-stage fallback tiles only where the others may not fit in shared memory.
-    fallback_too = big_head and args["q_ptr"].element_size() == 4
-    kept = [c for c in configs
-            if (not small_only or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
-            and (c.num_stages > 1 or fallback_too)]
-    return kept or configs[-1:]
+
+# With dropout the dK/dV kernel also holds the Philox state of its transposed score tile: 4-warp
+# tiles and 32 x 64 at 8 warps spilled (head dims 64 and 128), only these did not.
+_DROPOUT_FITS = {"dkdv": ("dkdv_n32_m32_w8", "dkdv_n32_m16_w8")}
 
 
-_PRUNE = {"early_config_prune": _prune_configs}
+def _fit_key(head_block: int, element_size: int) -> tuple[int, int]:
+    bucket = 64 if head_block <= 64 else 128 if head_block <= 128 else 256
+    if element_size >= 4 and bucket == 64:
+        bucket = 128
+    return bucket, min(element_size, 4)
+
+
+def _pruner(kind: str, named: dict):
+    """early_config_prune for one kernel: the configs of _FITS for the call's head dim and dtype; with
+    dropout only tiles of <= 64 x 64 scores (the Philox state of every score spills larger ones), and
+    for dK/dV only those of _DROPOUT_FITS."""
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRETED:
+            return configs
+        args = {**named_args, **kwargs}  # the launchers pass the head blocks and flags as keywords
+        fits = _FITS[kind][_fit_key(max(args["BLOCK_E"], args["BLOCK_EV"]), args["q_ptr"].element_size())]
+        if args["HAS_DROPOUT"] and kind in _DROPOUT_FITS:
+            fits = [name for name in fits if name in _DROPOUT_FITS[kind]] or fits[-1:]
+        allowed = [named[name] for name in fits]
+        kept = [c for c in configs if any(c is a for a in allowed)
+                and (not args["HAS_DROPOUT"] or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+        return kept or [allowed[-1]]
+
+    return prune
+
+
 _AUTOTUNE_KEY = ["BLOCK_E", "BLOCK_EV", "LEN_Q_BUCKET", "LEN_K_BUCKET", "HAS_MASK", "HAS_DROPOUT",
                  "HAS_LEFT", "HAS_RIGHT"]
 
@@ -227,7 +273,8 @@ def _forward_block(m_i, l_i, acc, q, k_base, v_base, mask_base, first_col, rows,
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=list(FORWARD_CONFIGS.values()), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=list(FORWARD_CONFIGS.values()), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("forward", FORWARD_CONFIGS)})
 @triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, seed_ptr,
@@ -239,18 +286,20 @@ def _attention_forward_kernel(
     stride_lseb, stride_lseh,
     group_size, len_q, len_k,
     qk_scale, window_left, window_right, dropout_p, dropout_scale,
+    batch_programs, batch_chunks, batch_span,  # batch axis folded into x: _launch.fold
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m, pid_batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
     head = tl.program_id(1)
-    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(cu_q_ptr, cu_k_ptr, tl.program_id(2), len_q,
-                                                             len_k, IS_VARLEN)
+    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(
+        cu_q_ptr, cu_k_ptr, tl.minimum(pid_batch, batch_programs - 1), len_q, len_k, IS_VARLEN)
     first_row = pid_m * BLOCK_M
-    if first_row >= seq_q:  # the grid is sized for the longest sequence
+    # The grid is sized for the longest sequence, and the last batch chunk may run past the end.
+    if (first_row >= seq_q) | (pid_batch >= batch_programs):
         return
     # 64-bit offsets: batch * stride and row * stride can pass 2**31 elements.
     batch64 = batch.to(tl.int64)
@@ -317,13 +366,15 @@ def _attention_backward_delta_kernel(
     out_ptr, dout_ptr, delta_ptr,
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_db, stride_dh, stride_dl, stride_de,
-    num_heads, len_q, head_dim_v,
+    num_heads, len_q, head_dim_v, batch_size, batch_chunks, batch_span,
     BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in float32; delta is (B, H, L) contiguous."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
+    if batch >= batch_size:  # past the end in the last batch chunk
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
-    batch = tl.program_id(2)
     row_in = rows < len_q
     rows64 = rows.to(tl.int64)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -384,7 +435,8 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     return dk, dv
 
 
-@triton.autotune(configs=list(DKDV_CONFIGS.values()), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=list(DKDV_CONFIGS.values()), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dkdv", DKDV_CONFIGS)})
 @triton.jit
 def _attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dmask_ptr,
@@ -400,6 +452,7 @@ def _attention_backward_dkdv_kernel(
     stride_dmb, stride_dmh, stride_dml, stride_dms,
     num_heads_q, group_size, len_q, len_k,
     scale, qk_scale, window_left, window_right, dropout_p, dropout_scale,
+    batch_programs, batch_chunks, batch_span,  # batch axis folded into x: _launch.fold
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -408,12 +461,12 @@ def _attention_backward_dkdv_kernel(
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Tiles are (keys, queries): this program's keys are the rows, so dK/dV accumulate without transposes.
-    pid_n = tl.program_id(0)
+    pid_n, pid_batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
     kv_head = tl.program_id(1)
-    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(cu_q_ptr, cu_k_ptr, tl.program_id(2), len_q,
-                                                             len_k, IS_VARLEN)
+    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(
+        cu_q_ptr, cu_k_ptr, tl.minimum(pid_batch, batch_programs - 1), len_q, len_k, IS_VARLEN)
     first_col = pid_n * BLOCK_N
-    if first_col >= seq_k:
+    if (first_col >= seq_k) | (pid_batch >= batch_programs):
         return
     batch64 = batch.to(tl.int64)
     kv_head64 = kv_head.to(tl.int64)
@@ -514,7 +567,8 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, first_col, rows
     return dq + tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=list(DQ_CONFIGS.values()), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=list(DQ_CONFIGS.values()), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dq", DQ_CONFIGS)})
 @triton.jit
 def _attention_backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -528,18 +582,19 @@ def _attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     num_heads_q, group_size, len_q, len_k,
     scale, qk_scale, window_left, window_right, dropout_p, dropout_scale,
+    batch_programs, batch_chunks, batch_span,  # batch axis folded into x: _launch.fold
     LEN_Q_BUCKET, LEN_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # E, Ev: a power of two needs no column mask
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m, pid_batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
     head = tl.program_id(1)
-    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(cu_q_ptr, cu_k_ptr, tl.program_id(2), len_q,
-                                                             len_k, IS_VARLEN)
+    batch, start_q, start_k, seq_q, seq_k = _sequence_bounds(
+        cu_q_ptr, cu_k_ptr, tl.minimum(pid_batch, batch_programs - 1), len_q, len_k, IS_VARLEN)
     first_row = pid_m * BLOCK_M
-    if first_row >= seq_q:
+    if (first_row >= seq_q) | (pid_batch >= batch_programs):
         return
     batch64 = batch.to(tl.int64)
     head64 = head.to(tl.int64)
@@ -596,13 +651,19 @@ def _attention_backward_dq_kernel(
              + offs_e[None, :] * stride_dqe, dq.to(dq_ptr.dtype.element_ty), mask=row_in[:, None] & e_in[None, :])
 
 
+# 32 x 64 keep decisions a program: at 64 x 64 the Philox state spilled (tools/triton_check.py).
+_MASK_BLOCK_M, _MASK_BLOCK_N = (16, 16) if _INTERPRETED else (32, 64)
+
+
 @triton.jit
-def _dropout_keep_mask_kernel(seed_ptr, keep_ptr, num_heads, len_q, len_k, dropout_p,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_keep_mask_kernel(seed_ptr, keep_ptr, num_heads, len_q, len_k, dropout_p, batch_size, batch_chunks,
+                              batch_span, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """keep[b, h, i, j] (int8, contiguous (B, H, L, S)) exactly as the attention kernels decide it."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, batch = unfold_pid(batch_chunks, batch_span, tl.program_id(2))
+    if batch >= batch_size:  # past the end in the last batch chunk
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
-    batch = tl.program_id(2)
     seed = tl.load(seed_ptr)
     offset = tl.load(seed_ptr + 1)
     base = keep_ptr + ((batch.to(tl.int64) * num_heads + head) * len_q + rows.to(tl.int64)[:, None]) * len_k
@@ -711,10 +772,19 @@ def _common_meta(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     return batch_programs, longest_q, longest_k, meta
 
 
+def attention_grid(op: str, length: int, block: int, heads: int, batch_programs: int,
+                   ) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, chunks, span) for one program per (block of `length` rows, head, batch or sequence): the
+    batch axis is grid z up to CUDA's 65 535, folded into x beyond (chunks, span: the kernels' unfold_pid)."""
+    chunks, span = fold(batch_programs)
+    return checked_grid(op, triton.cdiv(length, block) * chunks, heads, span), chunks, span
+
+
 def _strides(t: Optional[Tensor], n: int = 4) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
+@launches_on("attention_triton", "query", "key", "value", "attn_mask", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
 def attention_forward(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
@@ -736,7 +806,9 @@ def attention_forward(
     if batch_programs == 0 or heads_q == 0 or longest_q == 0 or len_q == 0:
         return output, lse
     any_tensor = query  # stands in for the optional pointers a False constexpr never reads
-    grid = lambda META: (triton.cdiv(longest_q, META["BLOCK_M"]), heads_q, batch_programs)  # noqa: E731
+    op = "attention_triton"
+    _, chunks, span = attention_grid(op, longest_q, 1, heads_q, batch_programs)
+    grid = lambda META: attention_grid(op, longest_q, META["BLOCK_M"], heads_q, batch_programs)[0]  # noqa: E731
     _attention_forward_kernel[grid](
         query, key, value, attn_mask if attn_mask is not None else any_tensor, output, lse,
         cu_seqlens_q if cu_seqlens_q is not None else any_tensor,
@@ -746,11 +818,13 @@ def attention_forward(
         lse.stride(0), lse.stride(1),
         heads_q // heads_k, len_q, len_k,
         scale * _LOG2E, window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p),
-        **meta,
+        batch_programs, chunks, span, **meta,
     )
     return output, lse
 
 
+@launches_on("attention_backward_triton", "grad_output", "query", "key", "value", "output", "lse", "attn_mask",
+             "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
 def attention_backward(
     grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor, output: Tensor, lse: Tensor,
     attn_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -792,8 +866,10 @@ def attention_backward(
 
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     delta_block_m = 16 if _INTERPRETED else 64  # pointwise: 64 rows of up to 256 columns a program
-    _attention_backward_delta_kernel[(triton.cdiv(len_q, delta_block_m), heads_q, batch)](
+    delta_grid, chunks, span = attention_grid(op, len_q, delta_block_m, heads_q, batch)
+    _attention_backward_delta_kernel[delta_grid](
         output, grad_output, delta, *output.stride(), *grad_output.stride(), heads_q, len_q, head_dim_v,
+        batch, chunks, span,
         BLOCK_M=delta_block_m, BLOCK_EV=meta["BLOCK_EV"], num_warps=4,
     )
 
@@ -806,14 +882,16 @@ def attention_backward(
               lse.stride(0), lse.stride(1))
     numbers = (heads_q, heads_q // heads_k, len_q, len_k, scale, scale * _LOG2E,
                window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p))
-    dkdv_grid = lambda META: (triton.cdiv(longest_k, META["BLOCK_N"]), heads_k, batch_programs)  # noqa: E731
+    _, chunks, span = attention_grid(op, longest_k, 1, heads_k, batch_programs)
+    numbers += (batch_programs, chunks, span)
+    dkdv_grid = lambda META: attention_grid(op, longest_k, META["BLOCK_N"], heads_k, batch_programs)[0]  # noqa: E731
     _attention_backward_dkdv_kernel[dkdv_grid](
         query, key, value, mask_arg, grad_output, lse, delta, grad_key, grad_value,
         grad_mask if need_grad_mask else any_tensor, cu_q, cu_k, seed,
         *common, *grad_key.stride(), *grad_value.stride(), *_strides(grad_mask if need_grad_mask else None),
         *numbers, STORE_MASK_GRAD=need_grad_mask, **meta,
     )
-    dq_grid = lambda META: (triton.cdiv(longest_q, META["BLOCK_M"]), heads_q, batch_programs)  # noqa: E731
+    dq_grid = lambda META: attention_grid(op, longest_q, META["BLOCK_M"], heads_q, batch_programs)[0]  # noqa: E731
     _attention_backward_dq_kernel[dq_grid](
         query, key, value, mask_arg, grad_output, lse, delta, grad_query, cu_q, cu_k, seed,
         *common, *grad_query.stride(), *numbers, **meta,
@@ -829,8 +907,10 @@ def dropout_keep_mask(seed: Tensor, B: int, H: int, L: int, S: int, p: float,
     keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
     if keep.numel() == 0:
         return keep.bool()
-    block = 16 if _INTERPRETED else 64
-    _dropout_keep_mask_kernel[(triton.cdiv(L, block), H, B)](
-        seed.to(device=device, dtype=torch.int64), keep, H, L, S, float(p), BLOCK_M=block, BLOCK_N=block,
-    )
+    grid, chunks, span = attention_grid("dropout_keep_mask", L, _MASK_BLOCK_M, H, B)
+    with device_guard(device):
+        _dropout_keep_mask_kernel[grid](
+            seed.to(device=device, dtype=torch.int64), keep, H, L, S, float(p), B, chunks, span,
+            BLOCK_M=_MASK_BLOCK_M, BLOCK_N=_MASK_BLOCK_N,
+        )
     return keep.bool()

@@ -52,6 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bigkernels._backend import triton_interpreting
+from bigkernels.triton._launch import checked_grid, fold, launches_on, unfold_pid
 
 # Read once, like triton.jit: the kernels below were built for the interpreter or not at import time.
 _INTERPRETED = triton_interpreting()
@@ -83,27 +84,33 @@ if _INTERPRETED:
     _FORWARD_TILES = _GRAD_INPUT_TILES = _GRAD_WEIGHT_TILES = {"interpreter": (32, 16, 16, 4, 1)}
 else:
     # First choices for Hopper/Ampere (bf16/fp16 at 16-byte loads), not yet tuned on a GPU. A tile
-    # too large for shared memory in some dtype (fp32 at BLOCK_K = 64 with 4 stages) fails to compile
-    # there and the autotuner skips it.
+    # too large for shared memory in some dtype (fp32 at BLOCK_K = 64 with 4 stages) is pruned for
+    # that dtype (_prune_configs).
     _FORWARD_TILES = {
         "large": (128, 128, 64, 8, 3),        # many pixels and >= 128 output channels
         "many_pixels": (128, 64, 64, 4, 4),   # 64-channel layers (ResNet stage 1) at 56x56
         "many_channels": (64, 128, 64, 4, 4), # late stages: few pixels (14x14, 7x7), wide layers
         "small": (64, 64, 64, 4, 4),          # small layers: more programs to fill the SMs
-        "fp32": (128, 128, 32, 4, 4),         # half the shared memory per stage for 4-byte data
+        "fp32": (128, 128, 32, 8, 4),         # half the shared memory per stage for 4-byte data
         "few_outputs": (128, 32, 32, 4, 4),   # few output channels per group (grouped convs)
         "thin_reduction": (128, 64, 16, 4, 4),  # the RGB stem (C = 3), few input channels per group
     }
-    # The transposed conv is the same GEMM family (pixels x channels, reduced over taps x channels).
-    _GRAD_INPUT_TILES = dict(_FORWARD_TILES)
-    # grad_weight tiles are (K x C) for one tap, reduced over N*P*Q pixels: long reductions.
+    # The transposed conv is the same GEMM family (pixels x channels, reduced over taps x channels),
+    # but its gathers of the weight hold more registers: at BLOCK_K = 64, or 128 x 128 tiles at 4
+    # warps, every forward tile spilled (tools/triton_check.py, sm_80/sm_90), so K steps are 32 and
+    # the large tiles take 8 warps.
+    _GRAD_INPUT_TILES = {
+        "tall": (128, 64, 32, 8, 4),
+        "wide": (64, 128, 32, 8, 4),
+        "small": (64, 64, 32, 4, 4),
+        "thin_reduction": (128, 64, 16, 4, 4),
+    }
+    # grad_weight tiles are (K x C) for one tap, reduced over N*P*Q pixels: long reductions. Same
+    # register limits as grad_input (measured); one deep-K tile for few input channels.
     _GRAD_WEIGHT_TILES = {
-        "large": (128, 128, 64, 8, 3),
-        "small": (64, 64, 64, 4, 4),
-        "tall": (128, 64, 64, 4, 4),          # more output than input channels (1x1 expand layers)
-        "wide": (64, 128, 64, 4, 4),          # more input than output channels (1x1 reduce layers)
-        "deep": (64, 64, 128, 4, 3),          # longer reduction steps when the channel tiles are few
-        "fp32": (128, 128, 32, 4, 4),         # half the shared memory per stage for 4-byte data
+        "tall": (128, 64, 32, 8, 4),          # more output than input channels (1x1 expand layers)
+        "wide": (64, 128, 32, 8, 4),          # more input than output channels (1x1 reduce layers)
+        "small": (64, 64, 32, 4, 4),
         "thin_input": (64, 16, 128, 4, 3),    # few input channels per group (the RGB stem)
     }
 
@@ -113,6 +120,25 @@ def _configs(tiles: dict) -> list:
             for m, n, k, w, st in tiles.values()]
 
 
+# Shared memory the pipelined A and B tiles may take: the A100's opt-in 163 KiB (the smallest of the
+# supported GPUs) less room for the epilogue's layout conversions. Above it a tile fails to launch
+# (fp32 at BLOCK_K = 64 with 4 stages, 192 KiB), so it is pruned rather than left to fail.
+_SHARED_BUDGET = 144 * 1024
+
+
+def _pipelined_bytes(config, element_size: int) -> int:
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs whose pipelined tiles fit _SHARED_BUDGET for this call's dtype (at least one)."""
+    size = next(v for v in named_args.values() if isinstance(v, torch.Tensor)).element_size()
+    kept = [c for c in configs if _pipelined_bytes(c, size) <= _SHARED_BUDGET]
+    return kept or [min(configs, key=lambda c: _pipelined_bytes(c, size))]
+
+
+_PRUNE = {"early_config_prune": _prune_configs}
 _FORWARD_CONFIGS = _configs(_FORWARD_TILES)
 _GRAD_INPUT_CONFIGS = _configs(_GRAD_INPUT_TILES)
 _GRAD_WEIGHT_CONFIGS = _configs(_GRAD_WEIGHT_TILES)
@@ -230,7 +256,7 @@ def _tile_ids(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------ forward
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_KEY + ["sx_c", "sw_c"])
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_KEY + ["sx_c", "sw_c"], prune_configs_by=_PRUNE)
 @triton.jit
 def _conv_forward_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr,
@@ -303,7 +329,7 @@ def _conv_forward_kernel(
 
 
 # ------------------------------------------------------------------------------------- grad_input
-@triton.autotune(configs=_GRAD_INPUT_CONFIGS, key=_KEY + ["sdy_k", "sw_c"])
+@triton.autotune(configs=_GRAD_INPUT_CONFIGS, key=_KEY + ["sdy_k", "sw_c"], prune_configs_by=_PRUNE)
 @triton.jit
 def _conv_grad_input_kernel(
     dy_ptr, saved_ptr, w_ptr, dx_ptr,
@@ -372,7 +398,7 @@ def _conv_grad_input_kernel(
 
 
 # ------------------------------------------------------------------------------------ grad_weight
-@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_KEY + ["sdy_k", "sx_c", "split_length"])
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_KEY + ["sdy_k", "sx_c", "split_length"], prune_configs_by=_PRUNE)
 @triton.jit
 def _conv_grad_weight_kernel(
     dy_ptr, saved_ptr, x_ptr, dw_ptr,
@@ -383,17 +409,22 @@ def _conv_grad_weight_kernel(
     sx_n, sx_c, sx_h, sx_w,
     sdw_split, sdw_k, sdw_c, sdw_r, sdw_s,
     split_length,  # output pixels each split reduces; a multiple of BLOCK_K
+    group_taps, tap_chunks, tap_span,  # groups * R * S, and its fold into axis 0 (grad_weight_grid)
     negative_slope,
     ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Axis 1 holds (group, tap), axis 2 the split of the N*P*Q reduction.
-    group = tl.program_id(1) // (R * S)
-    tap = tl.program_id(1) % (R * S)
+    # Axis 1 holds (group, tap), its excess over CUDA's 65 535 folded into axis 0; axis 2 the split of
+    # the N*P*Q reduction.
+    tile, group_tap = unfold_pid(tap_chunks, tap_span, tl.program_id(1))
+    if group_tap >= group_taps:  # past the end in the last chunk
+        return
+    group = group_tap // (R * S)
+    tap = group_tap % (R * S)
     r = tap // S
     s = tap % S
     split = tl.program_id(2)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(Kg, BLOCK_M), tl.cdiv(Cg, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _tile_ids(tile, tl.cdiv(Kg, BLOCK_M), tl.cdiv(Cg, BLOCK_N), GROUP_M)
 
     # Rows: output channels of this group. Columns: input channels of this group.
     ks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -570,6 +601,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@launches_on(_OP, "input", "weight", "bias", "residual")
 def conv_forward(
     input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -602,7 +634,8 @@ def conv_forward(
     bias_arg = bias if bias is not None else output
     residual_arg = residual if residual is not None else output
     z_arg = preactivation if store_z else output
-    grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)
+    grid = lambda meta: checked_grid(  # noqa: E731
+        _OP, triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)
     _conv_forward_kernel[grid](
         input, weight, bias_arg, residual_arg, output, z_arg,
         N, Cg, H, W, Kg, P, Q, R, S,
@@ -635,6 +668,16 @@ def _grad_weight_splits(pixels: int, tiles: int, device: torch.device) -> tuple[
     return triton.cdiv(pixels, length), length
 
 
+def grad_weight_grid(Kg: int, Cg: int, group_taps: int, splits: int, block_m: int, block_n: int,
+                     ) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, chunks, span) of the grad_weight kernel: x the (Kg, Cg) tiles, y the groups * R * S
+    (group, tap) pairs, z the splits. y passes CUDA's 65 535 for large depthwise/grouped convs (C = 2048
+    at 7 x 7: 100 352), so its excess folds into x (chunks, span: the kernel's unfold_pid)."""
+    chunks, span = fold(group_taps)
+    tiles = triton.cdiv(Kg, block_m) * triton.cdiv(Cg, block_n)
+    return checked_grid(_BACKWARD_OP, tiles * chunks, span, splits), chunks, span
+
+
 def _grad_input_phases(size: int, taps: int, stride: int, padding: int, dilation: int):
     """Stride phases of grad_input along one axis: (phase, rows, (first tap, tap step, tap count)).
 
@@ -653,6 +696,7 @@ def _grad_input_phases(size: int, taps: int, stride: int, padding: int, dilation
     return phases
 
 
+@launches_on(_BACKWARD_OP, "grad_output", "input", "weight", "output", "preactivation")
 def conv_backward(
     grad_output: Tensor, input: Tensor, weight: Tensor, output: Tensor, preactivation: Tensor,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -728,7 +772,8 @@ def conv_backward(
         for phase_h, rows_h, taps_h in _grad_input_phases(H, R, stride[0], padding[0], dilation[0]):
             for phase_w, rows_w, taps_w in _grad_input_phases(W, S, stride[1], padding[1], dilation[1]):
                 rows = N * rows_h * rows_w
-                grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)
+                grid = lambda meta: checked_grid(  # noqa: E731
+                    _BACKWARD_OP, triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)
                 _conv_grad_input_kernel[grid](
                     gz_src, gz_saved, weight, grad_input, *geometry,
                     *gz_src.stride(), *gz_saved.stride(), *weight.stride(), *grad_input.stride(),
@@ -747,11 +792,12 @@ def conv_backward(
             dw_strides = target.stride()
         else:
             dw_strides = (0, *grad_weight.stride())
-        grid = lambda meta: (triton.cdiv(Kg, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups * R * S, splits)
+        _, tap_chunks, tap_span = grad_weight_grid(Kg, Cg, groups * R * S, splits, 1, 1)
+        grid = lambda meta: grad_weight_grid(Kg, Cg, groups * R * S, splits, meta["BLOCK_M"], meta["BLOCK_N"])[0]
         _conv_grad_weight_kernel[grid](
             gz_src, gz_saved, input, target, *geometry,
             *gz_src.stride(), *gz_saved.stride(), *input.stride(), *dw_strides,
-            split_length, negative_slope,
+            split_length, groups * R * S, tap_chunks, tap_span, negative_slope,
             ACTIVATION=gz_act, FROM_OUTPUT=from_output, DOT_PRECISION=dot_precision,
         )
         if splits > 1:

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bigkernels.triton._launch import launches_on
 from bigkernels.triton.lstm_cell import (
     _BACKWARD_BLOCK_B,
     _BACKWARD_MAX_BLOCK_H,
@@ -250,6 +251,7 @@ def _no_autocast(device_type: str):
 
 
 # ---------------------------------------------------------------------------------------- forward
+@launches_on("lstm_triton", "input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")  # batch_sizes: CPU
 def lstm_forward(
     input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], reverse: bool,
@@ -312,6 +314,8 @@ def _forward(layer: _Layer, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_wo
 
 
 # --------------------------------------------------------------------------------------- backward
+@launches_on("lstm_backward_triton", "grad_output", "grad_h_n", "grad_c_n", "input", "h0", "c0", "w_ih",
+             "w_hh", "w_hr", "output", "gates", "cells")
 def lstm_backward(
     grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, input: Tensor, batch_sizes: Optional[Tensor],
     h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], reverse: bool,

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bigkernels._backend import triton_interpreting
+from bigkernels.triton._launch import launches_on
 
 # Read once, like triton.jit: the kernels below were built for the interpreter or not at import time.
 _INTERPRETED = triton_interpreting()
@@ -39,11 +40,13 @@ _ACC_DTYPES = {
 # Forward tiles by batch size: (largest batch, BLOCK_B, BLOCK_H, num_warps). tl.dot needs every block
 # dimension >= 16, so batch 1 still computes a 16-row tile; that costs nothing there, where the step
 # is bound by reading the weights. Small batches use narrow BLOCK_H so that more programs stream the
-# weights in parallel. Four fp32 accumulators of BLOCK_B x BLOCK_H stay <= 64 registers a thread at
-# 4 warps. First guesses, not yet measured on a GPU: tune them there.
-_FORWARD_TILES = ((16, 16, 16, 4), (32, 32, 32, 4), (1 << 62, 64, 32, 4))
-# K extent of one pipeline stage in bytes (64 fp16/bf16, 32 fp32 or 16 fp64 elements), so that every
-# dtype needs the same shared memory: 3 stages of the largest tile take 72 KiB.
+# weights in parallel. The four gate accumulators and their operand tiles spilled at 4 warps for
+# the 32 x 32 and 64 x 32 tiles (tools/triton_check.py, sm_80/sm_90): those take 8 warps. Not yet
+# timed on a GPU: tune them there.
+_FORWARD_TILES = ((16, 16, 16, 4), (32, 32, 32, 8), (1 << 62, 64, 32, 8))
+# K extent of one pipeline stage: 32 elements (16 for float64), at most 128 bytes. 64 bf16 elements
+# spilled the gate tiles; 3 stages of the largest fp32 tile take 36 KiB.
+_FORWARD_BLOCK_K = 32
 _FORWARD_BLOCK_K_BYTES = 128
 _FORWARD_STAGES = 3
 # The interpreter accepts any dot shape, so CI would not catch a tile a GPU refuses: check here.
@@ -307,10 +310,11 @@ def _forward_tiles(batch: int, element_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) for this batch size and dtype width."""
     for max_batch, block_b, block_h, warps in _FORWARD_TILES:
         if batch <= max_batch:
-            return block_b, block_h, _FORWARD_BLOCK_K_BYTES // element_size, warps
+            return block_b, block_h, min(_FORWARD_BLOCK_K, _FORWARD_BLOCK_K_BYTES // element_size), warps
     raise AssertionError("unreachable: the last tile row takes any batch")
 
 
+@launches_on("lstm_cell_triton", "input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh")
 def lstm_cell_forward(
     input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], need_workspace: bool,
@@ -348,6 +352,8 @@ def lstm_cell_forward(
     return hy, cy, workspace
 
 
+@launches_on("lstm_cell_backward_triton", "grad_hy", "grad_cy", "input", "hx", "cx", "w_ih", "w_hh", "cy",
+             "workspace")
 def lstm_cell_backward(
     grad_hy: Tensor, grad_cy: Tensor, input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor,
     w_hh: Tensor, cy: Tensor, workspace: Tensor, output_mask: Sequence[bool],

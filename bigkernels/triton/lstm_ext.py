@@ -24,12 +24,36 @@ import triton.language as tl
 from torch import Tensor
 
 from bigkernels.reference import LAYER_NORM_EPS
+from bigkernels.triton._launch import launches_on
 from bigkernels.triton.lstm import _final_h, _layer, _no_autocast, _previous_rows
 from bigkernels.triton.lstm_cell import _ACC_DTYPES, _check_like, _sigmoid, _tanh
 
-# One program per row holds a whole row: 4 gates x BLOCK_H columns. 4 warps cover rows up to a few
-# thousand units without spilling much; wider rows still run (slower), as the fallback GPU path.
-_ROW_WARPS = 4
+# The norms workspace (LayerNorm's normalised inputs and 1/std, or the candidate cell) is kept in the
+# arithmetic type, as stock LayerNorm keeps its statistics in float32: rounding them to fp16/bf16
+# between the passes would put that rounding into every gradient that flows through a LayerNorm.
+_STAT_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+                torch.float64: torch.float64}
+
+
+def norms_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the norms workspace for inputs of `dtype` (the op's fake kernel uses it too)."""
+    return _STAT_DTYPES.get(dtype, dtype)
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The step kernels index their [rows, H] masks and [H] / [4H] LayerNorm parameters densely."""
+    return t.contiguous() if t is not None else None
+
+
+# One program per row holds a whole row: 4 gates x BLOCK_H columns, each live in several arrays.
+# Warps grow with the row so that a thread keeps at most 4 columns of each gate (no spills: measured
+# with tools/triton_check.py); rows above 2048 units hold more a thread, and may spill (still correct).
+_MIN_ROW_WARPS, _MAX_ROW_WARPS = 4, 16
+
+
+def row_warps(block_h: int) -> int:
+    """num_warps of the step kernels for a row of BLOCK_H columns a gate."""
+    return min(_MAX_ROW_WARPS, max(_MIN_ROW_WARPS, block_h // 128))
 
 
 @triton.jit
@@ -118,12 +142,13 @@ def _ext_step_forward_kernel(
         tl.store(gates_ptr + g4 + 2 * H, g.to(ty), mask=m)
         tl.store(gates_ptr + g4 + 3 * H, o.to(ty), mask=m)
         e = row * E + cols
+        n_ty = norms_ptr.dtype.element_ty
         if LAYER_NORM:
-            tl.store(norms_ptr + e + 4 * H, stored.to(ty), mask=m)
-            tl.store(norms_ptr + row * E + 5 * H, rstd_h.to(ty))
-            tl.store(norms_ptr + row * E + 5 * H + 1, rstd_c.to(ty))
+            tl.store(norms_ptr + e + 4 * H, stored.to(n_ty), mask=m)
+            tl.store(norms_ptr + row * E + 5 * H, rstd_h.to(n_ty))
+            tl.store(norms_ptr + row * E + 5 * H + 1, rstd_c.to(n_ty))
         else:
-            tl.store(norms_ptr + e, stored.to(ty), mask=m)
+            tl.store(norms_ptr + e, stored.to(n_ty), mask=m)
 
 
 @triton.jit
@@ -241,6 +266,8 @@ def _check_ext(layer, input, ln, cell_mask, hidden_mask, zoneout_cell, zoneout_h
                            f"{zoneout_hidden}")
 
 
+@launches_on("lstm_ext_triton", "input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "ln_ih_w", "ln_ih_b",
+             "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "cell_mask", "hidden_mask")  # batch_sizes: CPU
 def lstm_ext_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
                      ln_c_w, ln_c_b, cell_mask, hidden_mask, zoneout_cell, zoneout_hidden, reverse, need_workspace):
     """(output, h_n, c_n, gates, cells, norms): see the lstm_ext schema in csrc/ops.cpp."""
@@ -250,6 +277,7 @@ def lstm_ext_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, l
     if any(t is not None for t in ln) and any(t is None for t in ln):
         raise RuntimeError(f"bigkernels::{op}: the layer-norm parameters must all be given or all be None")
     _check_ext(layer, input, ln, cell_mask, hidden_mask, zoneout_cell, zoneout_hidden, op)
+    ln_hh_w, ln_c_w, ln_c_b, cell_mask, hidden_mask = map(_dense, (ln_hh_w, ln_c_w, ln_c_b, cell_mask, hidden_mask))
     with _no_autocast(input.device.type):
         B, H, P, rows = layer.batch, layer.hidden, layer.proj, layer.rows
         layer_norm = ln_ih_w is not None
@@ -264,7 +292,7 @@ def lstm_ext_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, l
         output = input.new_empty((rows, P))
         cells = input.new_empty((rows, H))
         gates = input.new_empty((rows, 4 * H) if need_workspace else (0,))
-        norms = input.new_empty((rows, E) if need_workspace else (0,))
+        norms = input.new_empty((rows, E) if need_workspace else (0,), dtype=norms_dtype(input.dtype))
         rec = input.new_empty((B, 4 * H))
         r = input.new_empty((B, H)) if w_hr is not None else None
         scratch_h = input.new_empty((B, P)) if layer.packed and layer.reverse else None
@@ -292,7 +320,7 @@ def lstm_ext_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, l
                 H, E, float(zoneout_cell), float(zoneout_hidden), LAYER_NORM_EPS,
                 LAYER_NORM=layer_norm, ZONE_C=zone_c, MASK_C=cell_mask is not None, ZONE_H=zone_h_inside,
                 MASK_H=hidden_mask is not None, STORE_WORKSPACE=need_workspace,
-                ACC_DTYPE=_ACC_DTYPES[input.dtype], BLOCK_H=block_h, num_warps=_ROW_WARPS,
+                ACC_DTYPE=_ACC_DTYPES[input.dtype], BLOCK_H=block_h, num_warps=row_warps(block_h),
             )
             if r is not None:
                 out_t = torch.mm(r[:n], w_hr.t(), out=output[step])
@@ -307,6 +335,9 @@ def lstm_ext_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, l
         return output, h_n, c_n, gates, cells, norms
 
 
+@launches_on("lstm_ext_backward_triton", "grad_output", "grad_h_n", "grad_c_n", "input", "h0", "c0", "w_ih",
+             "w_hh", "w_hr", "ln_ih_w", "ln_hh_w", "ln_c_w", "ln_c_b", "cell_mask", "hidden_mask", "output",
+             "gates", "cells", "norms")
 def lstm_ext_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, ln_ih_w,
                       ln_hh_w, ln_c_w, ln_c_b, cell_mask, hidden_mask, zoneout_cell, zoneout_hidden, reverse, output,
                       gates, cells, norms):
@@ -327,8 +358,10 @@ def lstm_ext_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c
                  ("grad_h_n", grad_h_n, (B, P), "[batch, proj_size or hidden_size]"),
                  ("grad_c_n", grad_c_n, (B, H), "[batch, hidden_size]"),
                  ("gates", gates, (rows, 4 * H), f"[rows, 4*hidden_size], {workspace}"),
-                 ("cells", cells, (rows, H), f"[rows, hidden_size], {workspace}"),
-                 ("norms", norms, (rows, E), f"[rows, {E}], {workspace}")], input, op)
+                 ("cells", cells, (rows, H), f"[rows, hidden_size], {workspace}")], input, op)
+    _check_like([("norms", norms, (rows, E), f"[rows, {E}] in {norms_dtype(input.dtype)}, {workspace}")],
+                input.new_empty((0,), dtype=norms_dtype(input.dtype)), op)
+    ln_hh_w, ln_c_w, ln_c_b, cell_mask, hidden_mask = map(_dense, (ln_hh_w, ln_c_w, ln_c_b, cell_mask, hidden_mask))
     with _no_autocast(input.device.type):
         return _backward(layer, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, ln_ih_w, ln_hh_w,
                          ln_c_w, ln_c_b, cell_mask, hidden_mask, zoneout_cell, zoneout_hidden, output,
@@ -371,7 +404,9 @@ def _backward(layer, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
             dh_tilde_all[step] = dh_t
             dh_t = torch.mm(dh_t, w_hr, out=dr[:n])
         c_all, c_row0 = _previous_rows(layer, k, n, cells, c0, scratch)
-        c_prev = c_all[c_row0:c_row0 + n]
+        # Dense, as in the forward: at the first step this is c0, which may be expanded or transposed
+        # (batch-first states); the kernel indexes it as [n, H] contiguous.
+        c_prev = c_all[c_row0:c_row0 + n].contiguous()
         inside = zone_h and not projected
         _ext_step_backward_kernel[(n,)](
             dh_t, dc, c_prev, gates[step], norms[step], cell_mask[step] if cell_mask is not None else dh_t,
@@ -381,7 +416,7 @@ def _backward(layer, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
             H, E, float(zoneout_cell), float(zoneout_hidden),
             LAYER_NORM=layer_norm, ZONE_C=zone_c, MASK_C=cell_mask is not None, ZONE_H=inside,
             MASK_H=hidden_mask is not None, ACC_DTYPE=_ACC_DTYPES[input.dtype], BLOCK_H=block_h,
-            num_warps=_ROW_WARPS,
+            num_warps=row_warps(block_h),
         )
         if zone_h:
             torch.addmm(carry[:n], grad_rec[step], w_hh, out=dh[:n])
@@ -399,8 +434,8 @@ def _backward(layer, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
         _, mean, rstd = torch.ops.aten.native_layer_norm(gx, [4 * H], ln_ih_w, None, LAYER_NORM_EPS)
         grad_gx, grad_ln_ih_w, _ = torch.ops.aten.native_layer_norm_backward(
             grad_pre, gx, [4 * H], mean, rstd, ln_ih_w, None, [True, True, False])
-        grad_ln_hh_w = (grad_pre * norms[:, :4 * H]).sum(0)
-        grad_ln_c_w = (dl_all * norms[:, 4 * H:5 * H]).sum(0)
+        grad_ln_hh_w = (grad_pre * norms[:, :4 * H]).sum(0).to(input.dtype)  # summed in the stats' type
+        grad_ln_c_w = (dl_all * norms[:, 4 * H:5 * H]).sum(0).to(input.dtype)
         grad_ln_c_b = dl_all.sum(0)
     grad_input = torch.mm(grad_gx, w_ih).view(input.shape)
     grad_w_ih = torch.mm(grad_gx.t(), x)
@@ -408,7 +443,7 @@ def _backward(layer, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
     grad_w_hr = empty()
     if projected:
         l = norms[:, 4 * H:5 * H] * ln_c_w + ln_c_b if layer_norm else norms[:, :H]
-        grad_w_hr = torch.mm(dh_tilde_all.t(), gates[:, 3 * H:] * torch.tanh(l))
+        grad_w_hr = torch.mm(dh_tilde_all.t(), (gates[:, 3 * H:] * torch.tanh(l)).to(input.dtype))
     grad_bias = grad_pre.sum(0)
     return (grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
             *(g if g is not None else empty() for g in (grad_ln_ih_w, grad_ln_hh_w, grad_ln_c_w, grad_ln_c_b)))

@@ -178,8 +178,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 }
 
 // bias_partials, when not null, is [gridDim.x, 4H]: row blockIdx.x receives this block's sums.
+// minBlocksPerSM = 1: without it ptxas for sm_100 squeezed the float VEC=4 instance into 64
+// registers and spilled (tools/check_cuda_build.py); its natural ~80 still fits several blocks an SM.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
     lstm_cell_backward_kernel(const T* __restrict__ grad_hy, const T* __restrict__ grad_cy,
                               const T* __restrict__ cx, const T* __restrict__ cy,
                               const T* __restrict__ workspace, T* __restrict__ grad_gates,

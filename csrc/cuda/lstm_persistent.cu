@@ -11,8 +11,11 @@
 //      by the DESIGN.md rule, for float32 / float16 / bfloat16, forward and reverse, H in
 //      {1, 7, 8, 63, 129, 256, 512, 1000, 1024} and B in {1, 3, 8, 9, 16, 33}, T in {1, 2, 64};
 //      outputs, h_n, c_n and the saved gates/cells (the per-step backward consumes them).
-//      float16/bfloat16 will not match the per-step path bit for bit: here c stays float across
-//      steps and the gate pre-activations are never rounded to the storage type.
+//      float16/bfloat16 will not match the per-step path bit for bit. Both round the input
+//      projection `pre` (x_t @ w_ih^T + b_ih + b_hh, one GEMM whose output is in the storage type);
+//      here the recurrent product h_{t-1} @ w_hh^T and its sum with `pre` stay float (the per-step
+//      path rounds its GEMM's output), and c stays float across steps (stored rounded only in
+//      c_n / cells).
 //   2. No hang and no race: compute-sanitizer --tool racecheck / synccheck / memcheck / initcheck
 //      on small and the largest fitting sizes; repeated runs give bit-identical results.
 //   3. lstm_persistent_forward_supported agrees with what actually launches (co-residency,
@@ -49,7 +52,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -305,8 +311,24 @@ cudaError_t with_kernel(int kpt, int bt, Fn&& fn) {
   return cudaErrorNotSupported;
 }
 
-// cudaSuccess when (B, H) fits on the current device (and sets the kernel's shared memory limit),
-// cudaErrorNotSupported when it does not, another error when a query fails.
+// Opts `kernel` in to the device's whole opt-in shared memory, once per (kernel, device). Setting the
+// limit per call to that call's size would race between host threads: another thread could lower
+// it between this thread's set and its launch, which then fails. The maximum suits every launch.
+template <typename Kernel>
+cudaError_t allow_max_shared_memory(Kernel kernel, int device, int smem_optin) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key)) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin);
+  if (err == cudaSuccess) done.insert(key);
+  return err;
+}
+
+// cudaSuccess when (B, H) fits on the current device (and its kernel may use the shared memory it
+// needs there), cudaErrorNotSupported when it does not, another error when a query fails.
 template <typename T>
 cudaError_t prepare(int64_t B, int64_t H, int* blocks_out, size_t* smem_out) {
   const int kpt = kpt_for(H);
@@ -326,8 +348,7 @@ cudaError_t prepare(int64_t B, int64_t H, int* blocks_out, size_t* smem_out) {
   return with_kernel<T>(kpt, bt, [&](auto kernel, auto bytes_for) -> cudaError_t {
     const size_t smem = bytes_for(BS);
     if (smem > static_cast<size_t>(smem_optin)) return cudaErrorNotSupported;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+    cudaError_t e = allow_max_shared_memory(kernel, device, smem_optin);
     if (e != cudaSuccess) return e;
     int per_sm = 0;
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
