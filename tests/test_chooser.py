@@ -397,3 +397,22 @@ def test_compiled_code_runs_the_cached_choice(tuned):
     assert torch.compile(f, fullgraph=True, dynamic=False)(x, w)[0, 0].item() == 3.0
     torch._dynamo.reset()
     assert torch.compile(f, fullgraph=True, dynamic=True)(x, w)[0, 0].item() == 2.0
+
+
+def test_read_only_home_warns_once_and_calls_still_run():
+    """HOME where nothing can be created (as for a service account): one warning, the calls run,
+    the choices stay in memory."""
+    code = ("import warnings, torch, bigkernels\n"
+            "from bigkernels._chooser import Candidate, Chooser\n"
+            "c = Chooser('toy_home', [Candidate('ours', 'cpu', lambda x: x + 1), Candidate('stock', 'stock', lambda x: x + 1)],"
+            " lambda x: (x.shape,))\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for n in (3, 4, 5):\n"
+            "        c.pick(torch.device('cpu'), (torch.randn(n),), False).run(torch.randn(n))\n"
+            "print(sum('cannot write' in str(w.message) for w in caught))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("BIGKERNELS_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME="/proc/self/no-such-home", BIGKERNELS_TUNE="on")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"  # one warning for three tuned keys

@@ -60,6 +60,24 @@ def _best_bigkernels(by_provider: dict[str, Row]) -> Optional[Row]:
     return _fastest({n: r for n, r in by_provider.items() if n.startswith("bigkernels")})
 
 
+def tuning_summary(rows: Iterable[Row]) -> Optional[str]:
+    """One line on the automatic choice over the run: in how many cases it ran our kernel (and beat
+    torch eager), ran the stock op, and fell below 0.97x stock (timing noise aside, it should not)."""
+    autos = [r for r in rows if r.provider == AUTO and r.status == "ok" and r.speedup_vs_torch is not None]
+    if not autos:
+        return None
+    ours = [r for r in autos if r.choice and "=stock" not in r.choice]
+    winning = [r for r in ours if r.speedup_vs_torch >= 1.0]
+    below = [r for r in autos if r.speedup_vs_torch < 0.97]
+    text = (f"automatic choice (bigkernels): our kernel in {len(ours)} of {len(autos)} cases "
+            f"({len(winning)} of them at >= 1.0x torch), the stock op in {len(autos) - len(ours)}; "
+            f"speedup {min(r.speedup_vs_torch for r in autos):.2f}-{max(r.speedup_vs_torch for r in autos):.2f}x, "
+            f"{len(below)} below 0.97x")
+    if below:
+        text += " (" + "; ".join(f"{r.op} {r.mode} {r.shape} {r.speedup_vs_torch:.2f}x [{r.choice}]" for r in below) + ")"
+    return text
+
+
 # ---------------------------------------------------------------------------------- terminal table
 def _align(lines: list[list[str]]) -> list[str]:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
@@ -109,6 +127,9 @@ def format_table(result: RunResult) -> str:
             out.append("  max abs err vs float64 reference: " + " · ".join(f"{p} {e:.2g}" for p, e in worst_err.items()))
         out += [f"  FAILED {p} @ {_shapes_text(failed, len(shapes))}: {error}" for (p, error), failed in failures.items()]
         out.append("")
+    summary = tuning_summary(result.rows)
+    if summary:
+        out.append(summary)
     if result.skipped:
         out.append("not run: " + "; ".join(f"{p} ({why})" for p, why in sorted(result.skipped.items())))
     return "\n".join(out).rstrip() + "\n"
@@ -184,6 +205,9 @@ def format_markdown(result: RunResult, meta: dict[str, object]) -> str:
             cells.append(best.choice if best and best.choice else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    summary = tuning_summary(result.rows)
+    if summary:
+        out += [summary[0].upper() + summary[1:] + ".", ""]
     if result.skipped:
         out += ["Not run: " + "; ".join(f"{p} ({why})" for p, why in sorted(result.skipped.items())), ""]
     return "\n".join(out)
