@@ -284,6 +284,8 @@ def _reference(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
 # BIGKERNELS_LSTM_CPU_PATH values, each pinning one candidate: the recurrence (fused, generic) and
 # the GEMM provider (MKL, or "+onednn": oneDNN, csrc/cpu/lstm_onednn_gemm.h).
 CPU_PATHS = ("fused", "generic", "fused+onednn", "generic+onednn")
+# Read once: a build-time constant, and Dynamo refuses to trace torch.backends' functions.
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def _forced_cpu_path() -> Optional[str]:
@@ -307,7 +309,7 @@ def _fused_reason(input, w_hr, c0) -> Optional[str]:
 def _onednn_reason(input) -> Optional[str]:
     if input.dtype != torch.float32:
         return f"the oneDNN GEMM provider takes float32, got {input.dtype}"
-    if not torch.backends.mkldnn.is_available():
+    if not _HAS_ONEDNN:
         return "this torch has no oneDNN (torch.backends.mkldnn.is_available() is False)"
     return None
 
