@@ -31,9 +31,12 @@ TORCH_LIBRARY(bigkernels, m) {
   //   w_hh is [4H, P]. reverse runs the steps last to first.
   //   gates [rows, 4H] (activated i, f, g, o) and cells [rows, H] (c after each step) are the
   //   workspace the backward needs, rows = T*B or N; both empty when not need_workspace.
-  //   path picks the CPU recurrence (bigkernels/ops/lstm.py's chooser decides, csrc/cpu/lstm.cpp
-  //   runs it): 0 = the static heuristic, 1 = the fused float32 kernel, 2 = the generic per-step
-  //   GEMMs. The CUDA kernel has one path and ignores it.
+  //   path picks the CPU recurrence and its GEMM provider (bigkernels/ops/lstm.py's chooser decides,
+  //   csrc/cpu/lstm.cpp runs it): 0 = the static heuristic, 1 = the fused float32 kernel, 2 = the
+  //   generic per-step GEMMs, both on MKL; + 4 = oneDNN GEMMs (float32, a torch with oneDNN):
+  //   5 = fused with a oneDNN input projection, 6 = generic with oneDNN input projection and
+  //   per-step recurrent GEMMs. Any other value is refused. The CUDA kernel has one path and
+  //   ignores it.
   m.def(
       "lstm(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_workspace, int path=0) -> "

@@ -85,11 +85,22 @@ def test_fused_matches_reference_and_stock(seq, batch, hidden, packed, reverse, 
     assert_layer_matches(case, batch_sizes, reverse, upstream)
 
 
-def assert_layer_matches(case, batch_sizes, reverse, upstream):
-    """Ours (float32) against the float64 reference and stock torch.lstm (float32) by the DESIGN rule:
-    outputs, final states and, when `upstream` gradients are given, every input gradient."""
+def path_layer(path):
+    """The op itself on one schema path (1 fused, 2 generic, + 4 oneDNN GEMMs), differentiable (its C++
+    autograd runs the backward on the same path)."""
+    def layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+        need_workspace = torch.is_grad_enabled()
+        return torch.ops.bigkernels.lstm(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse,
+                                         need_workspace, path)[:3]
+    return layer
+
+
+def assert_layer_matches(case, batch_sizes, reverse, upstream, layer=None):
+    """Ours (float32; `layer`, default the public function) against the float64 reference and stock
+    torch.lstm (float32) by the DESIGN rule: outputs, final states and, when `upstream` gradients are
+    given, every input gradient."""
     ref, ref_grads = run(reference_layer, case, batch_sizes, reverse, torch.float64, upstream)
-    ours, our_grads = run(our_layer, case, batch_sizes, reverse, torch.float32, upstream)
+    ours, our_grads = run(layer or our_layer, case, batch_sizes, reverse, torch.float32, upstream)
     stock, stock_grads = run(stock_layer, case, batch_sizes, reverse, torch.float32, upstream)
     for name, o, s, r in zip(("output", "h_n", "c_n"), ours, stock, ref):
         assert_matches(name, o, s, r)
@@ -182,3 +193,70 @@ def test_forced_split(split, seq, batch, hidden, packed, reverse, fused, monkeyp
     ref, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
     upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]
     assert_layer_matches(case, batch_sizes, reverse, upstream)
+
+
+# ------------------------------------------------------------------ path 5: oneDNN input projection
+ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+# Batch 1 and odd sizes; the last spans several input-projection chunks (see
+# test_lstm_cpu_generic.test_input_projection_in_several_chunks), so the last, shorter chunk runs on
+# the weight oneDNN laid out for the longer ones.
+ONEDNN_CASES = [pytest.param(5, 1, 7, id="T5xB1xH7"), pytest.param(5, 7, 63, id="T5xB7xH63"),
+                pytest.param(16, 130, 257, id="T16xB130xH257")]
+
+
+@ONEDNN
+@pytest.mark.parametrize("seq, batch, hidden", ONEDNN_CASES)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_fused_onednn_matches_reference_and_stock(seq, batch, hidden, packed, reverse, grad, poison_empty):
+    case, batch_sizes = make_case(seq, batch, 5, hidden, packed, bias=hidden != 63, seed=seq * 100 + batch + hidden)
+    upstream = None
+    if grad:
+        outs64, _ = run(reference_layer, case, batch_sizes, reverse, torch.float64)
+        g = torch.Generator().manual_seed(13)
+        upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs64]
+    assert_layer_matches(case, batch_sizes, reverse, upstream, layer=path_layer(5))
+
+
+@ONEDNN
+def test_fused_onednn_env_pins_path_5(monkeypatch, poison_empty):
+    """BIGKERNELS_LSTM_CPU_PATH=fused+onednn through the public function runs what path 5 runs."""
+    case, batch_sizes = make_case(5, 7, 5, 63, True, True, seed=31)
+    args = [case[k].float() if case[k] is not None else None for k in ARGS]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+    direct = torch.ops.bigkernels.lstm(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, False, 5)
+    monkeypatch.setenv("BIGKERNELS_LSTM_CPU_PATH", "fused+onednn")
+    public = our_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, False)
+    for a, b in zip(public, direct[:3]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", [-1, 3, 4, 7, 8, 13])
+def test_invalid_path_refused(path):
+    case, batch_sizes = make_case(3, 2, 5, 7, False, True, seed=1)
+    args = [case[k].float() if case[k] is not None else None for k in ARGS]
+    with pytest.raises(ValueError, match=f"path must be 0 .*got {path}"):
+        torch.ops.bigkernels.lstm(args[0], batch_sizes, *args[1:], None, False, True, path)
+
+
+@ONEDNN
+@pytest.mark.parametrize("path", [5, 6])
+def test_onednn_paths_refuse_non_float32(path):
+    case, batch_sizes = make_case(3, 2, 5, 7, False, True, seed=1)
+    args = [case[k].double() if case[k] is not None else None for k in ARGS]
+    with pytest.raises(ValueError, match=f"path {path} .*oneDNN.* float32"):
+        torch.ops.bigkernels.lstm(args[0], batch_sizes, *args[1:], None, False, True, path)
+
+
+@ONEDNN
+@pytest.mark.parametrize("path", [5, 6])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_opcheck_onednn_paths(path, packed, reverse):
+    case, batch_sizes = make_case(4, 3, 5, 7, packed, True, seed=path)
+    args = [case[k].float().requires_grad_() if case[k] is not None else None for k in ARGS]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+    torch.library.opcheck(torch.ops.bigkernels.lstm.default,
+                          (x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse, True, path),
+                          atol=1e-4, rtol=1e-4)

@@ -281,21 +281,53 @@ def _reference(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
     return reference.lstm_layer(*args, reverse)
 
 
+# BIGKERNELS_LSTM_CPU_PATH values, each pinning one candidate: the recurrence (fused, generic) and
+# the GEMM provider (MKL, or "+onednn": oneDNN, csrc/cpu/lstm_onednn_gemm.h).
+CPU_PATHS = ("fused", "generic", "fused+onednn", "generic+onednn")
+# Read once: a build-time constant, and Dynamo refuses to trace torch.backends' functions.
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _forced_cpu_path() -> Optional[str]:
-    """BIGKERNELS_LSTM_CPU_PATH=fused|generic (tests, benchmarks) pins our CPU path, read per call."""
+    """BIGKERNELS_LSTM_CPU_PATH=fused|generic|fused+onednn|generic+onednn (tests, benchmarks) pins
+    our CPU path, read per call."""
     return os.environ.get("BIGKERNELS_LSTM_CPU_PATH") or None
 
 
-def _fused_supports(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> Optional[str]:
-    if _forced_cpu_path() not in (None, "fused"):
-        return f"BIGKERNELS_LSTM_CPU_PATH={_forced_cpu_path()}"
+def _pinned_elsewhere(path: str) -> Optional[str]:
+    """Why a candidate for `path` (one of CPU_PATHS) may not run: the env var pins another one."""
+    forced = _forced_cpu_path()
+    return f"BIGKERNELS_LSTM_CPU_PATH={forced}" if forced not in (None, path) else None
+
+
+def _fused_reason(input, w_hr, c0) -> Optional[str]:
     if input.dtype != torch.float32 or w_hr is not None or c0.dim() != 2 or 0 in c0.shape:
         return "the fused recurrence takes float32 without projection and a non-empty state"
     return None
 
 
+def _onednn_reason(input) -> Optional[str]:
+    if input.dtype != torch.float32:
+        return f"the oneDNN GEMM provider takes float32, got {input.dtype}"
+    if not _HAS_ONEDNN:
+        return "this torch has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    return None
+
+
+def _fused_supports(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> Optional[str]:
+    return _pinned_elsewhere("fused") or _fused_reason(input, w_hr, c0)
+
+
 def _generic_supports(*args) -> Optional[str]:
-    return f"BIGKERNELS_LSTM_CPU_PATH={_forced_cpu_path()}" if _forced_cpu_path() not in (None, "generic") else None
+    return _pinned_elsewhere("generic")
+
+
+def _fused_onednn_supports(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> Optional[str]:
+    return _pinned_elsewhere("fused+onednn") or _fused_reason(input, w_hr, c0) or _onednn_reason(input)
+
+
+def _generic_onednn_supports(input, *rest) -> Optional[str]:
+    return _pinned_elsewhere("generic+onednn") or _onednn_reason(input)
 
 
 def _stock_supports(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> Optional[str]:
@@ -331,6 +363,8 @@ CHOOSER = Chooser(
         Candidate("cpu", "cpu", _own_kernel(_TORCH_LSTM, 0), tuned=False),  # C++'s static path choice
         Candidate("cpu.fused", "cpu", _own_kernel(_TORCH_LSTM, 1), _fused_supports),
         Candidate("cpu.generic", "cpu", _own_kernel(_TORCH_LSTM, 2), _generic_supports),
+        Candidate("cpu.fused.onednn", "cpu", _own_kernel(_TORCH_LSTM, 5), _fused_onednn_supports),
+        Candidate("cpu.generic.onednn", "cpu", _own_kernel(_TORCH_LSTM, 6), _generic_onednn_supports),
         Candidate("cuda", "cuda", _own_kernel(_TORCH_LSTM)),
         Candidate("triton", "triton", _own_kernel(torch.ops.bigkernels.lstm_triton.default)),
         Candidate("stock", "stock", _stock, _stock_supports),

@@ -1,11 +1,17 @@
 // bigkernels::lstm on the CPU: the device-independent recurrence of csrc/common/lstm_layer.h with
 // the CPU's fused pointwise passes (lstm_pointwise.cpp), run step by step from C++ (no Python per
 // time step); float32 calls where it measured faster take the fused recurrence of
-// lstm_recurrent.cpp instead (packed weights, GEMM + pointwise per step in one kernel).
+// lstm_recurrent.cpp instead (packed weights, GEMM + pointwise per step in one kernel). Either
+// path's GEMMs run on MKL (PackedStepGemm) or, where the chooser measured it faster (AMD CPUs,
+// where MKL's sgemm takes a slow path), on oneDNN (OneDnnStepGemm, lstm_onednn_gemm.h).
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/lstm_layer.h"
 #include "lstm_pointwise.h"
+#include "lstm_onednn_gemm.h"
 #include "lstm_recurrent.h"
 #include "lstm_step_gemm.h"
 
@@ -40,18 +46,54 @@ void check_cpu(const at::Tensor& input) {
 }
 
 // The schema's path argument (csrc/ops.cpp): the Python chooser names a path, 0 leaves it to the
-// static heuristic. A forced fused path on a call the fused kernel cannot run is an error, not a
-// silent switch: the chooser only offers it where lstm_recurrent_supports() holds.
-bool takes_fused_path(int64_t path, const at::Tensor& input, const at::Tensor& c0,
-                      const std::optional<at::Tensor>& w_hr, bool backward) {
-  TORCH_CHECK_VALUE(path >= 0 && path <= 2, "bigkernels::lstm: path must be 0 (heuristic), 1 (fused) or 2 (generic), got ",
-                    path);
-  if (path == 0) return lstm_recurrent_applies(input, c0, w_hr, backward);
-  if (path == 2) return false;
+// static heuristic. Bits 1/2 pick the recurrence (1 fused, 2 generic), bit 4 the GEMM provider
+// (set: oneDNN, clear: MKL): 1, 2, 5 = fused + oneDNN input projection, 6 = generic with oneDNN for
+// the input projection and the per-step recurrent GEMMs. A forced path on a call it cannot run is
+// an error, not a silent switch: the chooser only offers it where it holds.
+constexpr int64_t kFusedBit = 1, kGenericBit = 2, kOneDnnBit = 4;
+
+struct CpuPath {
+  bool fused;
+  bool onednn;
+};
+
+// BIGKERNELS_LSTM_CPU_PATH=fused+onednn|generic+onednn (tests, benchmarks) for path 0, as
+// lstm_recurrent_applies reads fused|generic; read per call so that a process can switch.
+int64_t forced_onednn_path() {
+  const char* env = std::getenv("BIGKERNELS_LSTM_CPU_PATH");
+  if (env == nullptr) return 0;
+  if (std::strcmp(env, "fused+onednn") == 0) return kFusedBit | kOneDnnBit;
+  if (std::strcmp(env, "generic+onednn") == 0) return kGenericBit | kOneDnnBit;
+  return 0;
+}
+
+CpuPath cpu_path(int64_t path, const at::Tensor& input, const at::Tensor& c0,
+                 const std::optional<at::Tensor>& w_hr, bool backward) {
+  TORCH_CHECK_VALUE(path == 0 || path == 1 || path == 2 || path == 5 || path == 6,
+                    "bigkernels::lstm: path must be 0 (heuristic), 1 (fused), 2 (generic), 5 (fused, oneDNN "
+                    "input projection) or 6 (generic, oneDNN GEMMs), got ", path);
+  if (path == 0) {
+    const int64_t forced = forced_onednn_path();
+    const bool fused_ok = lstm_recurrent_supports(input, c0, w_hr);
+    if (forced != 0 && input.scalar_type() == at::kFloat && onednn_gemm_available() &&
+        (forced == kGenericBit + kOneDnnBit || fused_ok)) {
+      return {forced == kFusedBit + kOneDnnBit, true};
+    }
+    return {lstm_recurrent_applies(input, c0, w_hr, backward), false};
+  }
+  const bool onednn = (path & kOneDnnBit) != 0;
+  if (onednn) {
+    TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat,
+                      "bigkernels::lstm: path ", path, " (oneDNN GEMMs) takes float32 input, got ",
+                      input.scalar_type());
+    TORCH_CHECK_VALUE(onednn_gemm_available(), "bigkernels::lstm: path ", path,
+                      " (oneDNN GEMMs) needs a torch built with oneDNN (torch.backends.mkldnn.is_available())");
+  }
+  if (path & kGenericBit) return {false, onednn};
   TORCH_CHECK_VALUE(lstm_recurrent_supports(input, c0, w_hr),
-                    "bigkernels::lstm: path 1 (fused) needs float32 input without projection, got ",
+                    "bigkernels::lstm: path ", path, " (fused) needs float32 input without projection, got ",
                     input.scalar_type(), w_hr.has_value() ? " with a projection" : "");
-  return true;
+  return {true, onednn};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cpu(
@@ -60,9 +102,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cpu(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse, bool need_workspace, int64_t path) {
   check_cpu(input);
-  if (takes_fused_path(path, input, c0, w_hr, /*backward=*/false)) {
+  const CpuPath p = cpu_path(path, input, c0, w_hr, /*backward=*/false);
+  if (p.fused) {
     return lstm_recurrent_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                                  need_workspace);
+                                  need_workspace, p.onednn);
+  }
+  if (p.onednn) {
+    return lstm_layer_forward<CpuPointwise, OneDnnStepGemm>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                            w_hr, reverse, need_workspace);
   }
   return lstm_layer_forward<CpuPointwise, PackedStepGemm>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                           reverse, need_workspace);
@@ -77,9 +124,18 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& gates, const at::Tensor& cells,
                   std::array<bool, 3> output_mask, int64_t path) {
   check_cpu(input);
-  if (takes_fused_path(path, input, c0, w_hr, /*backward=*/true)) {
+  // The backward's GEMMs outside the recurrence (grad_input, grad_w_ih, grad_w_hh: SequenceGradients
+  // in lstm_layer.h) stay on ATen (MKL) on every path; path 5's fused backward has no other GEMM, so
+  // it is path 1's. Path 6 runs the per-step dh = dG @ w_hh on oneDNN.
+  const CpuPath p = cpu_path(path, input, c0, w_hr, /*backward=*/true);
+  if (p.fused) {
     return lstm_recurrent_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                                    w_ih, w_hh, reverse, output, gates, cells, output_mask);
+  }
+  if (p.onednn) {
+    return lstm_layer_backward<CpuPointwise, OneDnnStepGemm>(grad_output, grad_h_n, grad_c_n, input, batch_sizes,
+                                                             h0, c0, w_ih, w_hh, w_hr, reverse, output, gates,
+                                                             cells, output_mask);
   }
   return lstm_layer_backward<CpuPointwise, PackedStepGemm>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
                                            c0, w_ih, w_hh, w_hr, reverse, output, gates, cells,

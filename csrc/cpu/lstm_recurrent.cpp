@@ -37,6 +37,7 @@
 
 #include "../common/lstm_layer.h"
 #include "fast_math.h"
+#include "lstm_onednn_gemm.h"
 #include "lstm_step_gemm.h"
 
 namespace bigkernels::cpu {
@@ -658,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
-    bool need_workspace) {
+    bool need_workspace, bool onednn_projection) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const LstmSizes s =
       check_lstm_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt);
@@ -699,15 +700,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const int64_t part_size = s.batch > kMaxRows ? s.batch * 4 * kUnits : 0;
   at::Tensor parts = at::empty({nt * part_size}, opts);
   float* parts_p = parts.mutable_data_ptr<float>();
-  // w_ih packed once for MKL (every chunk but the last has max_chunk_rows rows): see
-  // lstm_step_gemm.h for what that saves per chunk.
-  const PackedStepGemm input_gemm(w_ih, max_chunk_rows(chunks), /*backward=*/false);
+  // w_ih packed once for MKL, or laid out once for oneDNN (every chunk but the last has
+  // max_chunk_rows rows): see lstm_step_gemm.h and lstm_onednn_gemm.h for what each saves.
+  std::optional<PackedStepGemm> mkl_gemm;
+  std::optional<OneDnnStepGemm> onednn_gemm;
+  if (onednn_projection) onednn_gemm.emplace(w_ih, max_chunk_rows(chunks), /*backward=*/false);
+  else mkl_gemm.emplace(w_ih, max_chunk_rows(chunks), /*backward=*/false);
 
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const ProjectionChunk& chunk = chunks[ci];
     const at::Tensor pre = need_workspace ? gates.narrow(0, chunk.row0, chunk.rows) : scratch;
-    input_gemm.project(pre.narrow(0, 0, chunk.rows), x2d.narrow(0, chunk.row0, chunk.rows),
-                       std::nullopt);
+    if (onednn_gemm) {
+      onednn_gemm->project(pre.narrow(0, 0, chunk.rows), x2d.narrow(0, chunk.row0, chunk.rows), std::nullopt);
+    } else {
+      mkl_gemm->project(pre.narrow(0, 0, chunk.rows), x2d.narrow(0, chunk.row0, chunk.rows), std::nullopt);
+    }
     const float* pre_p = pre.const_data_ptr<float>();
 #pragma omp parallel num_threads(nt)
     {

@@ -27,11 +27,12 @@ bool lstm_recurrent_supports(const at::Tensor& input, const at::Tensor& c0,
 bool lstm_recurrent_applies(const at::Tensor& input, const at::Tensor& c0,
                             const std::optional<at::Tensor>& w_hr, bool backward);
 
+// onednn_projection: the input projection's GEMM on oneDNN (OneDnnStepGemm) instead of MKL.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrent_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
-    bool need_workspace);
+    bool need_workspace, bool onednn_projection = false);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
