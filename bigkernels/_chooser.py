@@ -51,6 +51,9 @@ TUNE_ROUNDS = 5
 # candidates would cost several such calls. Fewer rounds (at least one) when they would exceed TUNE_BUDGET_S.
 TUNE_MAX_CALL_S = 2.0
 TUNE_BUDGET_S = 1.0
+# After the first timed round, candidates slower than this multiple of the fastest drop out (timing
+# noise on the 2-core EPYC stays within ~10 % per round; a 30 % gap does not close).
+TUNE_CONTENDER_RATIO = 1.3
 # Exact call signatures remembered per op (each maps to its bucket's choice, so a cleared memo costs
 # only dictionary lookups to refill).
 MEMO_LIMIT = 4096
@@ -366,9 +369,10 @@ class Chooser:
         default = self.heuristic(runnable, args)
         order = [default] + [c for c in runnable if c is not default]
         samples: dict[str, list[float]] = {}
+        warm: dict[str, float] = {}
         for c in order:  # warm-up, heuristic first: its time decides whether tuning is affordable
             try:
-                first = _time_once(c, copies, leaves, grad, device, cotangents)
+                first = warm[c.name] = _time_once(c, copies, leaves, grad, device, cotangents)
             except Exception as exc:  # noqa: BLE001 - a failing candidate is dropped, not fatal
                 rejected[c.name] = f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 self._warn(c, key, rejected[c.name])
@@ -380,10 +384,16 @@ class Chooser:
         alive = [c for c in order if c.name in samples]
         if not alive:
             raise RuntimeError(f"bigkernels: every candidate for {self.op} failed: {rejected}")
-        per_round = sum(_time_once(c, copies, leaves, grad, device, cotangents, samples) for c in alive)
+        first_round = {c.name: min(warm[c.name], _time_once(c, copies, leaves, grad, device, cotangents, samples))
+                       for c in alive}
+        # Candidates clearly behind after two calls cannot win: only the close ones race on (a call
+        # slowed by interference has its other, the warm-up, to stand on).
+        fastest = min(first_round.values())
+        racing = [c for c in alive if first_round[c.name] <= TUNE_CONTENDER_RATIO * fastest]
+        per_round = sum(first_round[c.name] for c in racing)
         rounds = max(1, min(TUNE_ROUNDS, int(TUNE_BUDGET_S / max(per_round, 1e-9))))
         for _ in range(rounds - 1):
-            for c in alive:
+            for c in racing:
                 _time_once(c, copies, leaves, grad, device, cotangents, samples)
         for name, ts in samples.items():
             times[name] = min(ts)
