@@ -251,8 +251,8 @@ class Chooser:
         eligible = []
         for c in own:
             reason = None
-            if forced not in (STOCK, "reference"):
-                reason = _backend.unavailable_reason(forced, c.kernel_op or self.op, device)
+            if forced not in (STOCK, "reference") and not _available(forced, c.kernel_op or self.op, device):
+                reason = _backend.unavailable_reason(forced, c.kernel_op or self.op, device)  # the error path
             reason = reason or c.reason_not(args)
             if reason is None:
                 eligible.append(c)
