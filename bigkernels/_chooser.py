@@ -51,8 +51,9 @@ TUNE_ROUNDS = 5
 # candidates would cost several such calls. Fewer rounds (at least one) when they would exceed TUNE_BUDGET_S.
 TUNE_MAX_CALL_S = 2.0
 TUNE_BUDGET_S = 1.0
-# After the first timed round, candidates slower than this multiple of the fastest drop out (timing
-# noise on the 2-core EPYC stays within ~10 % per round; a 30 % gap does not close).
+# After the first timed round, candidates slower than this multiple of the fastest (each judged by
+# the better of its warm-up and first call) drop out: one kernel's calls moved by up to ~10 % between
+# runs on the 2-core EPYC, so a candidate 30 % behind is not a contender.
 TUNE_CONTENDER_RATIO = 1.3
 # Exact call signatures remembered per op (each maps to its bucket's choice, so a cleared memo costs
 # only dictionary lookups to refill).

@@ -15,6 +15,7 @@ lock, so two processes tuning at once both land their entries and never leave a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ def cache_dir() -> Path:
     return Path(base) / "bigkernels"
 
 
+@functools.lru_cache(maxsize=1)  # the CPU does not change under a running process
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
     model, flags = "", []
     try:
@@ -82,7 +84,7 @@ def fingerprint() -> dict[str, Any]:
     model, flags = _cpu_model_and_flags()
     return {
         "cpu": model,
-        "isa": flags,
+        "isa": list(flags),
         "cpus": os.cpu_count(),
         "bigkernels": __version__,
         "torch": torch.__version__,
